@@ -1,0 +1,85 @@
+"""LightningDataModule: data preparation, splits and dataloaders in one object."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+from runtime.errors import MisconfigurationError
+from runtime.hparams import AttributeDict, collect_init_args, select_hparams
+
+
+class LightningDataModule:
+    """Groups ``prepare_data``, ``setup`` and the four dataloader hooks.
+
+    The engine calls ``prepare_data`` once per node, then ``setup(stage)`` on
+    every rank, then the dataloader hook the stage needs. ``state_dict`` is
+    saved in checkpoints under the class name.
+    """
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self._hparams: AttributeDict = AttributeDict()
+
+    def save_hyperparameters(self, *args: Any, ignore: list[str] | str | None = None, frame=None, logger: bool = True):
+        """Record ``__init__`` arguments in ``self.hparams`` (saved under ``datamodule_hyper_parameters``)."""
+        if frame is None:
+            frame = inspect.currentframe().f_back
+        self._hparams = AttributeDict(select_hparams(collect_init_args(self, frame), args, ignore))
+
+    @property
+    def hparams(self) -> AttributeDict:
+        return self._hparams
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        return AttributeDict(copy.deepcopy(self._hparams))
+
+    def prepare_data(self) -> None:
+        """Download or write data; runs once per node, before ``setup``."""
+
+    def setup(self, stage: str) -> None:
+        """Build datasets/splits on every rank; ``stage`` is fit, validate, test or predict."""
+
+    def teardown(self, stage: str) -> None:
+        """Clean up after fit, validate, test or predict."""
+
+    def train_dataloader(self):
+        """The training DataLoader."""
+        raise MisconfigurationError(f"{type(self).__name__}.train_dataloader() is not implemented; trainer.fit needs it")
+
+    def val_dataloader(self):
+        """The validation DataLoader(s); None means no validation."""
+        return None
+
+    def test_dataloader(self):
+        """The test DataLoader(s)."""
+        raise MisconfigurationError(f"{type(self).__name__}.test_dataloader() is not implemented; trainer.test needs it")
+
+    def predict_dataloader(self):
+        """The predict DataLoader(s)."""
+        raise MisconfigurationError(
+            f"{type(self).__name__}.predict_dataloader() is not implemented; trainer.predict needs it"
+        )
+
+    def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
+        from runtime.loops.data import move_to_device
+
+        return move_to_device(batch, device)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints (weights-only types)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Runs when the run fails."""

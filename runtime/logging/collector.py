@@ -1,0 +1,382 @@
+"""What ``self.log`` writes into: per-step values and per-epoch accumulators.
+
+Reductions across ranks are batched: every ``sync_dist`` value pending at a
+log boundary travels in one ``all_gather`` of a packed vector, whatever the
+number of metrics (Lightning issues one collective per value).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from runtime.errors import MisconfigurationError
+
+_REDUCTIONS = ("mean", "sum", "max", "min")
+
+# (allowed on_step, allowed on_epoch, default on_step, default on_epoch); None = may not log.
+_STEP_HOOK = ((False, True), (False, True), True, False)
+_EVAL_STEP_HOOK = ((False, True), (False, True), False, True)
+_EPOCH_HOOK = ((False,), (True,), False, True)
+_HOOK_LOG_OPTIONS: dict[str, tuple | None] = {
+    "training_step": _STEP_HOOK,
+    "validation_step": _EVAL_STEP_HOOK,
+    "test_step": _EVAL_STEP_HOOK,
+    "on_before_backward": _STEP_HOOK,
+    "backward": _STEP_HOOK,
+    "on_after_backward": _STEP_HOOK,
+    "on_before_optimizer_step": _STEP_HOOK,
+    "optimizer_step": _STEP_HOOK,
+    "configure_gradient_clipping": _STEP_HOOK,
+    "clip_gradients": _STEP_HOOK,
+    "on_before_zero_grad": _STEP_HOOK,
+    "optimizer_zero_grad": _STEP_HOOK,
+    "on_train_batch_start": _STEP_HOOK,
+    "on_train_batch_end": _STEP_HOOK,
+    "on_validation_batch_start": _EVAL_STEP_HOOK,
+    "on_validation_batch_end": _EVAL_STEP_HOOK,
+    "on_test_batch_start": _EVAL_STEP_HOOK,
+    "on_test_batch_end": _EVAL_STEP_HOOK,
+    "on_train_start": _EPOCH_HOOK,
+    "on_validation_start": _EPOCH_HOOK,
+    "on_test_start": _EPOCH_HOOK,
+    "on_train_epoch_start": _EPOCH_HOOK,
+    "on_train_epoch_end": _EPOCH_HOOK,
+    "on_validation_epoch_start": _EPOCH_HOOK,
+    "on_validation_epoch_end": _EPOCH_HOOK,
+    "on_test_epoch_start": _EPOCH_HOOK,
+    "on_test_epoch_end": _EPOCH_HOOK,
+}
+
+
+@dataclass
+class _Entry:
+    name: str  # the key (with "/dataloader_idx_N" where it applies)
+    on_step: bool
+    on_epoch: bool
+    prog_bar: bool
+    logger: bool
+    reduce_fx: str
+    sync: bool
+    step_value: Tensor | None = None  # latest step value (synced once `step_synced`)
+    step_synced: bool = True
+    total: float = 0.0  # sum(value * batch_size) for mean, running sum/max/min otherwise
+    weight: float = 0.0  # sum(batch_size) for mean
+    epoch_value: Tensor | None = None  # reduced epoch value, None until computed
+    updates: int = 0
+
+    @property
+    def forked(self) -> bool:
+        return self.on_step and self.on_epoch
+
+    def step_key(self) -> str:
+        return self.name + "_step" if self.forked else self.name
+
+    def epoch_key(self) -> str:
+        return self.name + "_epoch" if self.forked else self.name
+
+
+def _initial_total(reduce_fx: str) -> float:
+    return {"max": -math.inf, "min": math.inf}.get(reduce_fx, 0.0)
+
+
+def extract_batch_size(batch: Any) -> int:
+    """The size of the first dimension of the first tensor found in the batch (Lightning's rule)."""
+    if isinstance(batch, Tensor):
+        return 1 if batch.ndim == 0 else int(batch.size(0))
+    if isinstance(batch, (str, bytes)):
+        return 1
+    if isinstance(batch, dict):
+        for value in batch.values():
+            size = extract_batch_size(value)
+            if size:
+                return size
+        return 0
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            size = extract_batch_size(value)
+            if size:
+                return size
+        return 0
+    return 0
+
+
+class MetricCollector:
+    """Holds the values logged during one loop (training, or one evaluation pass).
+
+    ``gather`` is the strategy's packed all_gather (``Tensor[k] -> Tensor[world, k]``),
+    or None in a single process.
+    """
+
+    def __init__(self, gather: Callable[[Tensor], Tensor] | None, training: bool):
+        self._gather = gather
+        self.training = training
+        self.entries: dict[str, _Entry] = {}
+        self.current_fx: str | None = None
+        self.dataloader_idx: int | None = None
+        self.num_dataloaders = 1
+        self._batch: Any = None
+        self._batch_size: int | None = None
+
+    # ------------------------------------------------------------- hook scope
+    def begin(self, fx: str | None, batch: Any = None, dataloader_idx: int | None = None) -> None:
+        self.current_fx = fx
+        if batch is not None:
+            self._batch = batch
+            self._batch_size = None
+        self.dataloader_idx = dataloader_idx
+
+    def new_batch(self, batch: Any) -> None:
+        self._batch = batch
+        self._batch_size = None
+
+    # -------------------------------------------------------------------- log
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *,
+        prog_bar: bool,
+        logger: bool,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        reduce_fx: Any,
+        enable_graph: bool,
+        sync_dist: bool,
+        add_dataloader_idx: bool,
+        batch_size: int | None,
+        rank_zero_only: bool,
+    ) -> None:
+        fx = self.current_fx
+        options = _HOOK_LOG_OPTIONS.get(fx or "", None)
+        if options is None:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...) is not allowed in `{fx}`; log from the step hooks, the batch/epoch "
+                "start and end hooks, or the backward/optimizer hooks"
+            )
+        allowed_step, allowed_epoch, default_step, default_epoch = options
+        on_step = default_step if on_step is None else bool(on_step)
+        on_epoch = default_epoch if on_epoch is None else bool(on_epoch)
+        if on_step not in allowed_step or on_epoch not in allowed_epoch:
+            raise MisconfigurationError(
+                f"self.log({name!r}, on_step={on_step}, on_epoch={on_epoch}) is not allowed in `{fx}`: "
+                f"on_step may be {allowed_step}, on_epoch may be {allowed_epoch} there"
+            )
+        reduce_fx = _reduce_name(reduce_fx, name)
+        tensor = _to_scalar_tensor(name, value, enable_graph)
+        if not on_step and not on_epoch:
+            raise MisconfigurationError(f"self.log({name!r}, on_step=False, on_epoch=False) records nothing; set one")
+
+        key = name
+        if add_dataloader_idx and self.dataloader_idx is not None and self.num_dataloaders > 1:
+            key = f"{name}/dataloader_idx_{self.dataloader_idx}"
+        entry = self.entries.get(key)
+        sync = sync_dist and not rank_zero_only and self._gather is not None
+        if entry is None:
+            entry = _Entry(key, on_step, on_epoch, prog_bar, logger, reduce_fx, sync, total=_initial_total(reduce_fx))
+            self.entries[key] = entry
+        elif (entry.on_step, entry.on_epoch, entry.reduce_fx) != (on_step, on_epoch, reduce_fx):
+            raise MisconfigurationError(
+                f"self.log({name!r}) was called with different options in the same loop (on_step/on_epoch/"
+                f"reduce_fx were {entry.on_step}/{entry.on_epoch}/{entry.reduce_fx!r}, now "
+                f"{on_step}/{on_epoch}/{reduce_fx!r}); use one set of options per metric name"
+            )
+        entry.prog_bar, entry.logger, entry.sync = prog_bar, logger, sync
+        entry.updates += 1
+
+        if on_step:
+            entry.step_value = tensor
+            entry.step_synced = not sync
+        if on_epoch:
+            entry.epoch_value = None
+            scalar = float(tensor.detach())
+            if reduce_fx == "mean":
+                weight = batch_size if batch_size is not None else self._current_batch_size()
+                entry.total += scalar * weight
+                entry.weight += weight
+            elif reduce_fx == "sum":
+                entry.total += scalar
+            elif reduce_fx == "max":
+                entry.total = max(entry.total, scalar)
+            else:
+                entry.total = min(entry.total, scalar)
+
+    def _current_batch_size(self) -> int:
+        if self._batch_size is None:
+            size = extract_batch_size(self._batch) if self._batch is not None else 1
+            self._batch_size = size or 1
+        return self._batch_size
+
+    # ---------------------------------------------------------- reductions
+    def sync_step(self) -> None:
+        """Reduce every step value logged with ``sync_dist`` since the last call: one collective."""
+        pending = [e for e in self.entries.values() if e.step_value is not None and not e.step_synced]
+        if not pending:
+            return
+        packed = torch.stack([e.step_value.detach().to(torch.float64).reshape(()) for e in pending])
+        gathered = self._gather(packed)
+        for column, entry in enumerate(pending):
+            reduced = _reduce_column(gathered[:, column], entry.reduce_fx)
+            entry.step_value = reduced.to(entry.step_value.dtype if entry.step_value.is_floating_point() else torch.float32)
+            entry.step_synced = True
+
+    def compute_epoch(self) -> None:
+        """Reduce every epoch accumulator not yet reduced: one collective for all synced ones."""
+        pending = [e for e in self.entries.values() if e.on_epoch and e.epoch_value is None and e.updates]
+        if not pending:
+            return
+        synced = [e for e in pending if e.sync]
+        gathered_values: dict[str, tuple[float, float]] = {}
+        if synced:
+            flat: list[float] = []
+            for entry in synced:
+                flat.extend((entry.total, entry.weight))
+            gathered = self._gather(torch.tensor(flat, dtype=torch.float64))
+            for i, entry in enumerate(synced):
+                totals, weights = gathered[:, 2 * i], gathered[:, 2 * i + 1]
+                if entry.reduce_fx == "max":
+                    gathered_values[entry.name] = (float(totals.max()), 1.0)
+                elif entry.reduce_fx == "min":
+                    gathered_values[entry.name] = (float(totals.min()), 1.0)
+                else:
+                    gathered_values[entry.name] = (float(totals.sum()), float(weights.sum()))
+        for entry in pending:
+            total, weight = gathered_values.get(entry.name, (entry.total, entry.weight))
+            value = total / weight if entry.reduce_fx == "mean" else total
+            entry.epoch_value = torch.tensor(value, dtype=torch.float32)
+
+    def has_unsynced(self) -> bool:
+        return any(
+            (e.step_value is not None and not e.step_synced) or (e.on_epoch and e.epoch_value is None and e.updates)
+            for e in self.entries.values()
+        )
+
+    # ------------------------------------------------------------- reading
+    def step_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
+        """(callback, log, progress bar) values of the current step."""
+        if self._gather is None:
+            self.sync_step()
+        callback: dict[str, Tensor] = {}
+        log: dict[str, Tensor] = {}
+        pbar: dict[str, float] = {}
+        for entry in self.entries.values():
+            if not entry.on_step or entry.step_value is None or not entry.step_synced:
+                continue
+            value = entry.step_value.detach()
+            key = entry.step_key()
+            if entry.logger:
+                log[key] = value
+            if self.training:
+                callback[entry.name] = value
+                callback[key] = value
+            if entry.prog_bar:
+                pbar[key] = float(value)
+        return callback, log, pbar
+
+    def epoch_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
+        """(callback, log, progress bar) values of the epoch, reducing whatever is pending."""
+        self.compute_epoch()
+        callback: dict[str, Tensor] = {}
+        log: dict[str, Tensor] = {}
+        pbar: dict[str, float] = {}
+        for entry in self.entries.values():
+            if not entry.on_epoch or entry.epoch_value is None:
+                continue
+            value = entry.epoch_value
+            key = entry.epoch_key()
+            if entry.logger:
+                log[key] = value
+            callback[entry.name] = value
+            callback[key] = value
+            if entry.prog_bar:
+                pbar[key] = float(value)
+        return callback, log, pbar
+
+    def reset(self) -> None:
+        """Start a new epoch: drop accumulators, keep nothing."""
+        self.entries.clear()
+        self._batch = None
+        self._batch_size = None
+
+    # ------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch accumulators, so a mid-epoch resume reports the same epoch means."""
+        return {
+            name: {
+                "on_step": e.on_step,
+                "on_epoch": e.on_epoch,
+                "prog_bar": e.prog_bar,
+                "logger": e.logger,
+                "reduce_fx": e.reduce_fx,
+                "sync": e.sync,
+                "total": e.total,
+                "weight": e.weight,
+                "updates": e.updates,
+            }
+            for name, e in self.entries.items()
+            if e.on_epoch
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries = {
+            name: _Entry(
+                name,
+                s["on_step"],
+                s["on_epoch"],
+                s["prog_bar"],
+                s["logger"],
+                s["reduce_fx"],
+                s["sync"] and self._gather is not None,
+                total=s["total"],
+                weight=s["weight"],
+                updates=s["updates"],
+            )
+            for name, s in state.items()
+        }
+
+
+def _reduce_name(reduce_fx: Any, name: str) -> str:
+    if callable(reduce_fx):
+        reduce_fx = getattr(reduce_fx, "__name__", str(reduce_fx))
+    reduce_fx = str(reduce_fx).lower()
+    if reduce_fx == "avg":
+        reduce_fx = "mean"
+    if reduce_fx not in _REDUCTIONS:
+        raise MisconfigurationError(
+            f"self.log({name!r}, reduce_fx={reduce_fx!r}) is not supported; use one of 'mean', 'sum', 'max', 'min'"
+        )
+    return reduce_fx
+
+
+def _to_scalar_tensor(name: str, value: Any, enable_graph: bool) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (Tensor, int, float)):
+        if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars
+            value = float(value)
+        else:
+            raise MisconfigurationError(
+                f"self.log({name!r}, value) needs a number or a one-element tensor, got {type(value).__name__}: "
+                f"{value!r:.80}; use self.log_dict for dicts and log each metric separately"
+            )
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise MisconfigurationError(
+                f"self.log({name!r}, tensor) needs a one-element tensor, got shape {tuple(value.shape)}; "
+                "reduce it first (e.g. .mean())"
+            )
+        tensor = value if enable_graph else value.detach()
+        return tensor.reshape(())
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _reduce_column(column: Tensor, reduce_fx: str) -> Tensor:
+    if reduce_fx == "mean":
+        return column.mean()
+    if reduce_fx == "sum":
+        return column.sum()
+    if reduce_fx == "max":
+        return column.max()
+    return column.min()

@@ -1,0 +1,213 @@
+"""Dataloaders as the loops need them: sharded, limited, resumable, on the device.
+
+Distributed runs swap the sampler for a ``DistributedSampler`` (keeping
+``shuffle``); every map-style loader gets a thin batch-sampler wrapper that
+can skip the batches an interrupted epoch already consumed, so a resumed run
+sees exactly the batches the uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+
+from runtime.errors import MisconfigurationError
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True) if batch.device != device else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+class _SkippingIterator:
+    """Iterates a batch sampler, first dropping ``skip`` batches and recording indices.
+
+    The inner sampler is iterated lazily (on the first ``next``), exactly as
+    the DataLoader would, so random samplers draw from the global RNG at the
+    same moment as without the wrapper. ``materialize`` forces that draw.
+    """
+
+    def __init__(self, owner: "ResumableBatchSampler"):
+        self._owner = owner
+        self._inner: Iterator[list[int]] | None = None
+
+    def materialize(self) -> None:
+        if self._inner is None:
+            self._inner = iter(self._owner.batch_sampler)
+            for _ in range(self._owner.skip):
+                next(self._inner, None)
+
+    def __iter__(self) -> "_SkippingIterator":
+        return self
+
+    def __next__(self) -> list[int]:
+        self.materialize()
+        batch = next(self._inner)
+        if self._owner.record_indices:
+            self._owner.yielded.append(list(batch))
+        return batch
+
+
+class ResumableBatchSampler(Sampler):
+    """Wraps a loader's batch sampler; ``skip`` drops the first batches of the next epoch."""
+
+    def __init__(self, batch_sampler: Any, record_indices: bool = False):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+        self.record_indices = record_indices
+        self.yielded: list[list[int]] = []
+        self.current: _SkippingIterator | None = None
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+    def __iter__(self) -> _SkippingIterator:
+        self.yielded = []
+        self.current = _SkippingIterator(self)
+        return self.current
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    kwargs = dict(
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+    )
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return kwargs
+
+
+def has_len(loader: Any) -> bool:
+    try:
+        return len(loader) is not None
+    except (TypeError, NotImplementedError):
+        return False
+
+
+@dataclass
+class PreparedLoader:
+    """A dataloader ready for one loop, with its batch budget."""
+
+    loader: Any
+    num_batches: int | float  # batches this loop takes per epoch (inf when unknown)
+    resumable: ResumableBatchSampler | None = None
+    distributed_sampler: DistributedSampler | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shuffling for this epoch (DistributedSampler and any sampler with set_epoch)."""
+        if self.resumable is not None:
+            self.resumable.set_epoch(epoch)
+            return
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        inner = getattr(batch_sampler, "sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+
+def prepare_loader(
+    loader: Any,
+    *,
+    stage: str,
+    world_size: int,
+    rank: int,
+    use_distributed_sampler: bool,
+    limit: int | float,
+    record_indices: bool = False,
+    seed: int = 0,
+) -> PreparedLoader:
+    """Shard, wrap and budget one dataloader for ``stage`` ("train", "val", "test", "predict")."""
+    if not isinstance(loader, DataLoader):
+        if not hasattr(loader, "__iter__"):
+            raise MisconfigurationError(
+                f"the {stage} dataloader must be a torch DataLoader or an iterable of batches, "
+                f"got {type(loader).__name__}"
+            )
+        total = len(loader) if has_len(loader) else math.inf
+        return PreparedLoader(loader, _limited(total, limit, stage))
+
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        total = len(loader) if has_len(loader) else math.inf
+        return PreparedLoader(loader, _limited(total, limit, stage))
+
+    batch_sampler = loader.batch_sampler
+    distributed_sampler = None
+    if world_size > 1 and use_distributed_sampler and not isinstance(loader.sampler, DistributedSampler):
+        if type(batch_sampler) is not BatchSampler:
+            raise MisconfigurationError(
+                f"the {stage} dataloader uses a custom batch_sampler ({type(batch_sampler).__name__}) that cannot "
+                "be sharded across ranks automatically; shard it yourself and pass "
+                "Trainer(use_distributed_sampler=False)"
+            )
+        shuffle = isinstance(loader.sampler, RandomSampler) and stage == "train"
+        distributed_sampler = DistributedSampler(
+            loader.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        batch_sampler = BatchSampler(distributed_sampler, batch_sampler.batch_size, batch_sampler.drop_last)
+    elif isinstance(loader.sampler, DistributedSampler):
+        distributed_sampler = loader.sampler
+
+    resumable = ResumableBatchSampler(batch_sampler, record_indices=record_indices)
+    rebuilt = DataLoader(loader.dataset, batch_sampler=resumable, **_loader_kwargs(loader))
+    return PreparedLoader(rebuilt, _limited(len(batch_sampler), limit, stage), resumable, distributed_sampler)
+
+
+def _limited(total: int | float, limit: int | float, stage: str) -> int | float:
+    if isinstance(limit, bool):
+        raise MisconfigurationError(f"limit_{stage}_batches must be an int or a float, got {limit!r}")
+    if isinstance(limit, int):
+        return min(total, limit)
+    if limit == 1.0:
+        return total
+    if total == math.inf:
+        raise MisconfigurationError(
+            f"limit_{stage}_batches={limit} is a fraction, but the {stage} dataloader has no length; "
+            "pass an int number of batches instead"
+        )
+    batches = int(total * limit)
+    if limit > 0 and batches == 0:
+        raise MisconfigurationError(
+            f"limit_{stage}_batches={limit} of {total} batches is less than one batch; raise it to at least "
+            f"{1 / total:.4f} or pass an int"
+        )
+    return batches
+
+
+def as_loader_list(loaders: Any) -> list[Any]:
+    """One loader, a list/tuple of loaders, or a dict of loaders -> list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return [loaders]

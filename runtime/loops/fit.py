@@ -1,0 +1,272 @@
+"""The training loop: epochs of batches, validation inside, exact mid-epoch resume.
+
+Order per batch (Lightning's): transfer -> on_train_batch_start -> optimize
+-> step-interval schedulers (and epoch-interval ones on the epoch's last
+batch) -> on_train_batch_end -> log -> validation if due -> plateau
+schedulers -> logger step counter. Per epoch: on_train_epoch_start ->
+batches -> on_train_epoch_end (callbacks, module, then checkpoint/early-stop
+callbacks) -> plateau epoch schedulers -> epoch metrics logged.
+
+Resume: a checkpoint records the position (``"batch_end"``: saved from
+on_train_batch_end; ``"after_val"``: saved after validation in a batch tail;
+``"epoch_end"``: saved from on_train_epoch_end) plus the RNG state at the
+epoch's start, so the same batches are replayed in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runtime.logging.collector import MetricCollector
+from runtime.seed import capture_rng_state, restore_rng_state
+from runtime.state import RunningStage
+
+if TYPE_CHECKING:
+    from runtime.engine import Engine
+
+
+class FitLoop:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.collector = MetricCollector(engine._gather_fn(), training=True)
+        self.batches_that_stepped = 0  # Lightning's logger step: batches that ended with an optimizer step
+        self.total_batch_idx = -1
+        self.batch_idx = -1
+        self.batches_done = 0  # batches of the current epoch that completed
+        self.position = "epoch_start"
+        self.epoch_start_rng: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None
+        self.skip_val_at_restore = False
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.engine.current_epoch,
+            "position": self.position,
+            "batches_done": self.batches_done,
+            "batch_idx": self.batch_idx,
+            "total_batch_idx": self.total_batch_idx,
+            "batches_that_stepped": self.batches_that_stepped,
+            "global_step": self.engine.global_step,
+            "epoch_start_rng": self.epoch_start_rng if self.epoch_start_rng is not None else {},
+            "train_metrics": self.collector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state
+        self.engine.current_epoch = int(state["epoch"])
+        self.engine.global_step = int(state["global_step"])
+        self.batches_that_stepped = int(state["batches_that_stepped"])
+        self.total_batch_idx = int(state["total_batch_idx"])
+        self.collector.load_state_dict(state.get("train_metrics", {}))
+
+    # ----------------------------------------------------------- helpers
+    def should_accumulate(self, batch_idx: int, is_last: bool) -> bool:
+        return (batch_idx + 1) % self.engine.accumulate_grad_batches != 0 and not is_last
+
+    def _max_steps_reached(self) -> bool:
+        max_steps = self.engine.max_steps
+        return max_steps != -1 and self.engine.global_step >= max_steps
+
+    def _should_check_val_epoch(self) -> bool:
+        every = self.engine.check_val_every_n_epoch
+        return self.engine._has_val and (every is None or (self.engine.current_epoch + 1) % every == 0)
+
+    def _should_check_val(self, batch_idx: int, is_last: bool) -> bool:
+        engine = self.engine
+        if not self._should_check_val_epoch():
+            return False
+        if engine.should_stop and self._can_stop_early():
+            return True
+        val_check_batch = engine.val_check_batch
+        if val_check_batch == math.inf:
+            return is_last
+        current = self.total_batch_idx if engine.check_val_every_n_epoch is None else batch_idx
+        return (current + 1) % val_check_batch == 0
+
+    def _can_stop_early(self) -> bool:
+        engine = self.engine
+        met_min_epochs = engine.current_epoch >= (engine.min_epochs or 0) - 1 if engine.min_epochs else True
+        met_min_steps = engine.global_step >= engine.min_steps if engine.min_steps else True
+        return met_min_epochs and met_min_steps
+
+    def _done(self) -> bool:
+        engine = self.engine
+        if self._max_steps_reached():
+            return True
+        max_epochs = engine.max_epochs
+        if max_epochs is not None and max_epochs != -1 and engine.current_epoch >= max_epochs:
+            return True
+        if engine.should_stop and self._can_stop_early():
+            return True
+        return False
+
+    # --------------------------------------------------------------- run
+    def run(self) -> None:
+        engine = self.engine
+        hooks = engine.hooks
+        hooks.on_train_start()
+        restored = self._restored
+        self._restored = None
+        if restored is not None and restored["position"] == "epoch_end":
+            self._finish_epoch(resume_after_callbacks=True)
+            restored = None
+        while not self._done():
+            self._run_epoch(restored)
+            restored = None
+        hooks.on_train_end()
+
+    def _run_epoch(self, restored: dict[str, Any] | None) -> None:
+        engine = self.engine
+        hooks = engine.hooks
+        module = engine.lightning_module
+        prepared = engine._train_loader
+        prepared.set_epoch(engine.current_epoch)
+        engine._active_collector = self.collector
+        budget = engine.num_training_batches
+
+        skip = 0
+        if restored is None:
+            self.collector.reset()
+            self.batches_done = 0
+            self.batch_idx = -1
+            self.position = "epoch_start"
+            hooks.on_train_epoch_start()
+            self.epoch_start_rng = capture_rng_state()
+            if prepared.resumable is not None:
+                prepared.resumable.skip = 0
+            iterator = iter(prepared.loader)
+        else:
+            # Replay the epoch's start: same RNG, same sampler permutation, then skip what was done.
+            skip = int(restored["batches_done"])
+            self.batches_done = skip
+            self.batch_idx = int(restored["batch_idx"])
+            self.epoch_start_rng = restored["epoch_start_rng"] or capture_rng_state()
+            current_rng = capture_rng_state()
+            restore_rng_state(self.epoch_start_rng)
+            if prepared.resumable is not None:
+                prepared.resumable.skip = skip
+                iterator = iter(prepared.loader)
+                if prepared.resumable.current is not None:
+                    prepared.resumable.current.materialize()
+            else:
+                iterator = iter(prepared.loader)
+                for _ in range(skip):
+                    next(iterator, None)
+            restore_rng_state(current_rng)
+            self._finish_batch_tail(self.batch_idx, restored["position"], budget)
+
+        module.train()
+        batch_idx = skip - 1
+        while not self._batch_loop_done(batch_idx, budget):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            batch_idx += 1
+            self.batch_idx = batch_idx
+            self.total_batch_idx += 1
+            is_last = batch_idx + 1 >= budget
+            batch = engine._prepare_batch(batch, 0)
+            self.collector.new_batch(batch)
+            response = hooks.on_train_batch_start(batch, batch_idx)
+            if response == -1:
+                break
+            should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
+            if module.automatic_optimization:
+                outputs = engine._automatic.run(batch, batch_idx, should_step=not should_accumulate)
+            else:
+                outputs = engine._manual.run(batch, batch_idx)
+            self.batches_done = batch_idx + 1
+            if not should_accumulate:
+                engine._update_schedulers("step", batch_idx, plateau=False)
+                if is_last:
+                    engine._update_schedulers("epoch", batch_idx, plateau=False)
+            self.collector.sync_step()
+            self.position = "batch_end"
+            hooks.on_train_batch_end(outputs, batch, batch_idx)
+            self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
+        del iterator
+        self._finish_epoch(resume_after_callbacks=False)
+
+    def _batch_loop_done(self, batch_idx: int, budget: int | float) -> bool:
+        return batch_idx + 1 >= budget or self._max_steps_reached() or (
+            self.engine.should_stop and self._can_stop_early()
+        )
+
+    def _finish_batch_tail(
+        self,
+        batch_idx: int,
+        position: str,
+        budget: int | float,
+        should_accumulate: bool | None = None,
+        is_last: bool | None = None,
+    ) -> None:
+        """Everything after on_train_batch_end: log, validate if due, plateau schedulers, counters."""
+        engine = self.engine
+        module = engine.lightning_module
+        if is_last is None:
+            is_last = batch_idx + 1 >= budget
+        if should_accumulate is None:
+            should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
+        if position == "batch_end":
+            self.collector.sync_step()
+            callback, log, pbar = self.collector.step_metrics()
+            engine._callback_metrics.update(callback)
+            engine._logged_metrics.update(log)
+            engine._progress_bar_metrics.update(pbar)
+            if not should_accumulate or not module.automatic_optimization:
+                log_every = engine.log_every_n_steps
+                should_log = log_every > 0 and (
+                    (self.batches_that_stepped + 1) % log_every == 0 or engine.should_stop
+                )
+                if log and (should_log or engine.fast_dev_run):
+                    engine._log_to_sink(log, step=self.batches_that_stepped)
+            engine._report_progress(RunningStage.TRAINING, batch_idx + 1, budget, engine._progress_bar_metrics)
+            if self._should_check_val(batch_idx, is_last):
+                engine._active_collector = None
+                # A checkpoint written during this validation resumes after it, not before.
+                self.position = "after_val"
+                engine._run_validation()
+                engine._active_collector = self.collector
+                module.train()
+            position = "after_val"
+        if position == "after_val":
+            self.position = "after_val"
+            if not should_accumulate:
+                engine._update_schedulers("step", batch_idx, plateau=True)
+                self.batches_that_stepped += 1
+        self.position = "batch_done"
+
+    def _finish_epoch(self, resume_after_callbacks: bool) -> None:
+        engine = self.engine
+        hooks = engine.hooks
+        engine._active_collector = self.collector
+        if not resume_after_callbacks:
+            self.position = "epoch_end"
+            # Epoch values of everything logged so far are reduced before the epoch-end hooks read them.
+            self.collector.compute_epoch()
+            self._publish_epoch_metrics()
+            hooks.on_train_epoch_end(monitoring=False)
+            hooks.on_train_epoch_end(monitoring=None)
+            self._publish_epoch_metrics()
+            hooks.on_train_epoch_end(monitoring=True)
+        callback, log, pbar = self._publish_epoch_metrics()
+        engine._update_schedulers("epoch", self.batch_idx, plateau=True)
+        engine._log_to_sink(log, step=max(self.batches_that_stepped - 1, 0))
+        engine._active_collector = None
+        self.collector.reset()
+        engine.current_epoch += 1
+        self.position = "epoch_start"
+        self.batches_done = 0
+
+    def _publish_epoch_metrics(self):
+        callback, log, pbar = self.collector.epoch_metrics()
+        engine = self.engine
+        engine._callback_metrics.update(callback)
+        engine._logged_metrics.update(log)
+        engine._progress_bar_metrics.update(pbar)
+        return callback, log, pbar

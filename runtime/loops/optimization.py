@@ -1,0 +1,157 @@
+"""One training batch: automatic optimization (closure, accumulation, clipping) or manual.
+
+Automatic optimization follows Lightning: the loss is divided by
+``accumulate_grad_batches``; gradients are zeroed after ``training_step`` and
+before ``backward`` on the first batch of each accumulation window; the
+optimizer steps on the window's last batch or the epoch's last batch; the
+precision plugin unscales before ``on_before_optimizer_step`` and clipping.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from runtime.errors import MisconfigurationError, NonFiniteLossError, StepOutputError
+
+if TYPE_CHECKING:
+    from runtime.engine import Engine
+
+
+class OptimizerWrapper:
+    """What ``self.optimizers()`` returns: ``step`` goes through precision, hooks and step counting."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: "Engine"):
+        self.optimizer = optimizer
+        self._engine = engine
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return self._engine._optimizer_step(self.optimizer, closure, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"OptimizerWrapper({self.optimizer!r})"
+
+
+def _rank_note(engine: "Engine", batch_idx: int) -> str:
+    return f"rank {engine.global_rank}, epoch {engine.current_epoch}, batch {batch_idx}"
+
+
+def parse_automatic_output(output: Any, engine: "Engine", batch_idx: int) -> tuple[Tensor | None, dict[str, Any]]:
+    """(loss, extra outputs) from training_step's return value in automatic optimization."""
+    if output is None:
+        return None, {}
+    if isinstance(output, Mapping):
+        if "loss" not in output or output["loss"] is None:
+            raise StepOutputError(
+                f"training_step returned a dict without a 'loss' key ({_rank_note(engine, batch_idx)}; keys: "
+                f"{sorted(output)}); put the loss tensor under 'loss'"
+            )
+        loss = output["loss"]
+        extra = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in output.items() if k != "loss"}
+    elif isinstance(output, Tensor):
+        loss, extra = output, {}
+    else:
+        raise StepOutputError(
+            f"training_step returned {type(output).__name__} ({output!r:.60}) at {_rank_note(engine, batch_idx)}; "
+            "in automatic optimization it must return a loss tensor, a dict with a 'loss' tensor, or None to "
+            "skip the batch"
+        )
+    if not isinstance(loss, Tensor):
+        raise StepOutputError(
+            f"training_step's loss is a {type(loss).__name__}, not a tensor ({_rank_note(engine, batch_idx)}); "
+            "return the tensor itself (not loss.item()) so gradients can flow"
+        )
+    if loss.numel() != 1:
+        raise StepOutputError(
+            f"training_step returned a loss of shape {tuple(loss.shape)} at {_rank_note(engine, batch_idx)}; "
+            "the loss must be a scalar: reduce it (e.g. loss.mean())"
+        )
+    return loss, extra
+
+
+class AutomaticOptimization:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+
+    def run(self, batch: Any, batch_idx: int, should_step: bool) -> dict[str, Any]:
+        engine = self.engine
+        module = engine.lightning_module
+        result: dict[str, Any] = {}
+        optimizer = engine._optimizer_wrappers[0]
+        accumulate = engine.accumulate_grad_batches
+        zero_grad_now = batch_idx % accumulate == 0
+
+        def closure() -> Tensor | None:
+            output = engine._training_step(batch, batch_idx)
+            loss, extra = parse_automatic_output(output, engine, batch_idx)
+            if loss is None:
+                result.clear()
+                return None
+            engine._check_finite_loss(loss, batch_idx)
+            loss = loss / accumulate if accumulate > 1 else loss
+            result.clear()
+            result["loss"] = loss.detach()
+            result.update(extra)
+            if zero_grad_now:
+                engine._zero_grad(optimizer.optimizer, batch_idx)
+            engine._backward(loss, optimizer.optimizer)
+            return loss
+
+        if should_step:
+            ran = [False]
+
+            def tracked_closure() -> Tensor | None:
+                ran[0] = True
+                return closure()
+
+            module.optimizer_step(engine.current_epoch, batch_idx, optimizer, tracked_closure)
+            if not ran[0]:
+                raise MisconfigurationError(
+                    "optimizer_step() was overridden but did not call `optimizer.step(closure=optimizer_closure)`; "
+                    "the closure runs training_step and backward, so it must be passed to step()"
+                )
+        else:
+            with engine.strategy.no_backward_sync(True):
+                closure()
+        return dict(result)
+
+
+class ManualOptimization:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+
+    def run(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        engine = self.engine
+        output = engine._training_step(batch, batch_idx)
+        if output is None:
+            return {}
+        if isinstance(output, Tensor):
+            return {"loss": output.detach()}
+        if isinstance(output, Mapping):
+            return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in output.items()}
+        raise StepOutputError(
+            f"training_step returned {type(output).__name__} at {_rank_note(engine, batch_idx)}; in manual "
+            "optimization it must return a tensor, a dict, or nothing"
+        )
