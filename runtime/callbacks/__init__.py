@@ -1,0 +1,8 @@
+"""Callbacks: the base class and the built-in ones (checkpointing, early stopping, LR logging)."""
+
+from runtime.callbacks.base import Callback
+from runtime.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
+from runtime.callbacks.lr_monitor import LearningRateMonitor
+from runtime.callbacks.model_checkpoint import ModelCheckpoint
+
+__all__ = ["Callback", "EarlyStopping", "EarlyStoppingReason", "LearningRateMonitor", "ModelCheckpoint"]

@@ -1,0 +1,71 @@
+"""The driver's run directory: ``<default_root_dir>/<run_name>/``, the source of truth for a run.
+
+Layout::
+
+    spec.json           the validated TrainerSpec
+    status.json         running / finished / failed / interrupted, epoch, step, last checkpoint
+    checkpoints/        last.ckpt and the ModelCheckpoint files
+    events.out.tfevents.*, metrics.csv   written by the loggers
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.spec import TrainerSpec, new_run_name
+
+
+@dataclass
+class RunDir:
+    path: str
+
+    @classmethod
+    def for_spec(cls, spec: TrainerSpec) -> "RunDir":
+        root = os.path.abspath(spec.default_root_dir or os.path.join(os.getcwd(), "runs"))
+        return cls(os.path.join(root, spec.run_name or new_run_name()))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def last_checkpoint(self) -> str:
+        return os.path.join(self.checkpoint_dir, "last.ckpt")
+
+    def create(self, spec: TrainerSpec) -> None:
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        _write_json(os.path.join(self.path, "spec.json"), json.loads(spec.to_json()))
+
+    def write_status(self, status: str, **fields: Any) -> None:
+        record = {"status": status, "updated": time.time(), **fields}
+        _write_json(os.path.join(self.path, "status.json"), record)
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.path, "status.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+
+def find_last_checkpoint(root: str) -> str | None:
+    """The newest ``<root>/<run>/checkpoints/last.ckpt``, for ``ckpt_path="last"`` without a run_name."""
+    candidates = glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt"))
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,247 @@
+"""``Trainer``: the Lightning-style facade the user's script talks to.
+
+It validates every argument into a :class:`TrainerSpec` at construction,
+creates the run directory, and runs the worker-side engine. With
+``num_workers=0`` the engine runs here, in the driver process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import Tensor
+
+from launcher.loggers import TensorBoardLogger
+from launcher.progress import ProgressBar
+from launcher.run_dir import RunDir, find_last_checkpoint
+from launcher.spec import TrainerSpec
+from runtime.callbacks import ModelCheckpoint
+from runtime.checkpoint.io import load_checkpoint
+from runtime.engine import Engine
+from runtime.sinks import FanOutMetricsSink, LocalCheckpointSink
+
+
+class Trainer:
+    """Validates its arguments (Lightning's names plus Ray scaling ones) and runs fit/validate/test/predict.
+
+    ``num_workers=0`` runs in this process (no Ray), for debugging and tests;
+    ``num_workers=N`` runs N Ray Train workers.
+    """
+
+    def __init__(self, **kwargs: Any):
+        self.spec = TrainerSpec.from_kwargs(**kwargs)
+        self.run_dir = RunDir.for_spec(self.spec)
+        self.callbacks: list[Any] = list(self.spec.callbacks)
+        if self.spec.enable_checkpointing and not any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks):
+            # Saving last.ckpt by default is what makes fit(ckpt_path="last") and `raylight resume` work.
+            self.callbacks.append(ModelCheckpoint(save_last=True))
+        self.loggers = self._build_loggers(self.spec.logger)
+        self._progress = ProgressBar(enabled=self.spec.enable_progress_bar)
+        self._engine: Engine | None = None
+
+    # ------------------------------------------------------------------ public
+    def fit(
+        self,
+        model,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Any = None,
+        ckpt_path: str | None = None,
+    ) -> None:
+        """Train ``model``; afterwards ``model`` holds the trained weights.
+
+        ``ckpt_path``: a checkpoint path, or ``"last"`` for this run's
+        ``last.ckpt`` (or, with no ``run_name``, the newest one under
+        ``default_root_dir``), to resume exactly where it stopped.
+        """
+        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=True)
+        engine = self._new_engine()
+        self._start(resume_step=int(checkpoint["global_step"]) if checkpoint is not None else None)
+        try:
+            engine.fit(model, train_dataloaders, val_dataloaders, datamodule, checkpoint)
+        except BaseException:
+            self._finish(engine, "interrupted" if engine.state.status == "interrupted" else "failed")
+            raise
+        self._finish(engine, "finished")
+
+    def validate(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None):
+        """Run one validation pass; returns one dict of metrics per dataloader."""
+        return self._evaluate(model, dataloaders, ckpt_path, verbose, datamodule, testing=False)
+
+    def test(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None):
+        """Run one test pass; returns one dict of metrics per dataloader."""
+        return self._evaluate(model, dataloaders, ckpt_path, verbose, datamodule, testing=True)
+
+    def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions: bool = True, ckpt_path=None):
+        """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders)."""
+        model = self._model_or_last(model, "predict")
+        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=False)
+        engine = self._new_engine()
+        self._start(resume_step=None, create=False)
+        predictions = engine.predict(model, dataloaders, datamodule, checkpoint)
+        return predictions if return_predictions else None
+
+    # ------------------------------------------------------------- properties
+    @property
+    def callback_metrics(self) -> dict[str, Tensor]:
+        return self._engine.callback_metrics if self._engine is not None else {}
+
+    @property
+    def logged_metrics(self) -> dict[str, Tensor]:
+        return self._engine.logged_metrics if self._engine is not None else {}
+
+    @property
+    def progress_bar_metrics(self) -> dict[str, float]:
+        return self._engine.progress_bar_metrics if self._engine is not None else {}
+
+    @property
+    def current_epoch(self) -> int:
+        return self._engine.current_epoch if self._engine is not None else 0
+
+    @property
+    def global_step(self) -> int:
+        return self._engine.global_step if self._engine is not None else 0
+
+    @property
+    def should_stop(self) -> bool:
+        return self._engine.should_stop if self._engine is not None else False
+
+    @property
+    def state(self):
+        return self._engine.state if self._engine is not None else None
+
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        found = self.checkpoint_callbacks
+        return found[0] if found else None
+
+    @property
+    def logger(self):
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        return self.loggers[0].log_dir if self.loggers else self.run_dir.path
+
+    @property
+    def default_root_dir(self) -> str:
+        return os.path.dirname(self.run_dir.path)
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        if self._engine is None:
+            raise RuntimeError("estimated_stepping_batches is known once fit() has started")
+        return self._engine.estimated_stepping_batches
+
+    def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
+        """Write a checkpoint of the last run's state (after fit, or from a callback during it)."""
+        if self._engine is None:
+            raise RuntimeError("save_checkpoint() needs a model that went through fit/validate/test first")
+        self._engine.save_checkpoint(filepath, weights_only)
+
+    # --------------------------------------------------------------- internals
+    def _build_loggers(self, logger: Any) -> list[Any]:
+        if logger is True:
+            return [TensorBoardLogger()]
+        if logger is False or logger is None:
+            return []
+        return list(logger) if isinstance(logger, (list, tuple)) else [logger]
+
+    def _new_engine(self) -> Engine:
+        if self.spec.num_workers > 0:
+            raise NotImplementedError(
+                f"Trainer(num_workers={self.spec.num_workers}) runs on Ray workers, which this build does not "
+                "include yet; use num_workers=0 to train in this process"
+            )
+        sinks = [*self.loggers, self._progress]
+        self._engine = Engine(
+            self.spec.to_run_config(self.run_dir.path),
+            callbacks=self.callbacks,
+            metrics_sink=FanOutMetricsSink(sinks),
+            checkpoint_sink=LocalCheckpointSink(),
+            loggers=self.loggers,
+        )
+        return self._engine
+
+    def _start(self, resume_step: int | None, create: bool = True) -> None:
+        if create:
+            self.run_dir.create(self.spec)
+            self.run_dir.write_status("running")
+        for logger in self.loggers:
+            if hasattr(logger, "attach"):
+                logger.attach(self.run_dir.path, resume_step=resume_step)
+
+    def _finish(self, engine: Engine, status: str) -> None:
+        ckpt = self.checkpoint_callback
+        self.run_dir.write_status(
+            status,
+            epoch=engine.current_epoch,
+            global_step=engine.global_step,
+            last_checkpoint=(ckpt.last_model_path or None) if ckpt is not None else None,
+            best_checkpoint=(ckpt.best_model_path or None) if ckpt is not None else None,
+            best_score=(float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None),
+        )
+
+    def _resolve_checkpoint(self, ckpt_path: str | None, fitting: bool) -> dict[str, Any] | None:
+        if ckpt_path is None:
+            return None
+        path = str(ckpt_path)
+        if path == "last":
+            path = self._find_last()
+        elif path == "best":
+            ckpt = self.checkpoint_callback
+            if ckpt is None or not ckpt.best_model_path:
+                raise ValueError(
+                    'ckpt_path="best" needs a ModelCheckpoint that has saved a checkpoint; run fit() first or '
+                    "pass a checkpoint path"
+                )
+            path = ckpt.best_model_path
+        return load_checkpoint(path)
+
+    def _find_last(self) -> str:
+        if os.path.exists(self.run_dir.last_checkpoint):
+            return self.run_dir.last_checkpoint
+        if self.spec.run_name is None:
+            found = find_last_checkpoint(os.path.dirname(self.run_dir.path))
+            if found is not None:
+                # Continue in the run that wrote it, so its logs and checkpoints stay together.
+                self.run_dir = RunDir(os.path.dirname(os.path.dirname(found)))
+                return found
+        raise FileNotFoundError(
+            f'ckpt_path="last": no last.ckpt in {self.run_dir.checkpoint_dir}'
+            + ("" if self.spec.run_name else f" nor in any run under {os.path.dirname(self.run_dir.path)}")
+            + "; start without ckpt_path, or pass the path of a checkpoint"
+        )
+
+    def _model_or_last(self, model, stage: str):
+        if model is not None:
+            return model
+        if self._engine is not None and self._engine.lightning_module is not None:
+            return self._engine.lightning_module
+        raise ValueError(f"trainer.{stage}() needs a model: pass it as the first argument")
+
+    def _evaluate(self, model, dataloaders, ckpt_path, verbose, datamodule, testing: bool):
+        model = self._model_or_last(model, "test" if testing else "validate")
+        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=False)
+        engine = self._new_engine()
+        self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
+        run = engine.test if testing else engine.validate
+        results = run(model, dataloaders, datamodule, checkpoint)
+        if verbose:
+            _print_results(results, "Test" if testing else "Validate")
+        return results
+
+
+def _print_results(results: list[dict[str, float]], title: str) -> None:
+    rows = [(k, v) for result in results for k, v in sorted(result.items())]
+    if not rows:
+        return
+    width = max(len(k) for k, _ in rows)
+    print(f"{title} metric".ljust(width + 2) + "value")
+    for key, value in rows:
+        print(key.ljust(width + 2) + f"{value:.6g}")
