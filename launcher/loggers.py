@@ -1,0 +1,401 @@
+"""Driver-side experiment loggers: :class:`TensorBoardLogger` and :class:`CSVLogger`.
+
+Both are :class:`runtime.sinks.MetricsSink` implementations that live on the
+driver: metric rows reach them already reduced across ranks, and they write
+into the driver's run directory, so no shared filesystem is needed.
+
+Where files go (``log_dir``):
+
+- ``save_dir=None`` (the default): the Trainer calls :meth:`attach` with the
+  run directory ``<default_root_dir>/<run_name>/`` and files go straight into
+  it, or into ``<run dir>/<name>/<version>`` when ``name``/``version`` are
+  given (to keep two loggers of one kind apart).
+- ``save_dir`` given: files go to ``<save_dir>/<name>/<version>`` as in
+  Lightning, where ``version=None`` picks the next free ``version_N`` and an
+  int ``N`` means ``version_N``.
+
+A logger opens no file until it first writes, so it can be pickled (and
+shipped with the job) before :meth:`attach`; pickling drops open writers,
+which reopen on the next write.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from argparse import Namespace
+from collections.abc import Mapping
+from typing import Any
+
+from runtime.sinks import Progress
+
+__all__ = ["CSVLogger", "TensorBoardLogger"]
+
+_PREFIX_JOIN = "-"  # Lightning joins a logger prefix and a metric name with "-"
+
+
+def _version_dirname(version: int | str) -> str:
+    return f"version_{version}" if isinstance(version, int) else version
+
+
+def _next_version(root: str) -> int:
+    """One past the highest ``version_N`` directory under ``root`` (0 if none)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    found = [
+        int(n[len("version_") :])
+        for n in names
+        if n.startswith("version_") and n[len("version_") :].isdigit() and os.path.isdir(os.path.join(root, n))
+    ]
+    return max(found) + 1 if found else 0
+
+
+def _as_dict(params: Mapping[str, Any] | Namespace) -> dict[str, Any]:
+    return dict(vars(params)) if isinstance(params, Namespace) else dict(params)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of a hyperparameter value; anything unknown becomes ``str(value)``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d tensor / numpy scalar
+        return value.item()
+    return str(value)
+
+
+def _flatten(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    """``{"opt": {"lr": 1}}`` -> ``{"opt/lr": 1}``: TensorBoard's hparams table is flat."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{parent}/{key}" if parent else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class _DirectoryLogger:
+    """Where a driver-side logger writes: the ``save_dir``/``name``/``version`` rules above."""
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str] | None,
+        name: str | None,
+        version: int | str | None,
+        prefix: str,
+    ):
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}(name={name!r}): expected a str (a sub-directory name) or ''")
+        if version is not None and not (
+            (isinstance(version, int) and not isinstance(version, bool) and version >= 0)
+            or (isinstance(version, str) and version)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}(version={version!r}): expected None (next free version_N),"
+                " an int >= 0 (version_N) or a non-empty directory name"
+            )
+        self._save_dir = os.fspath(save_dir) if save_dir is not None else None
+        self._name = name or ""
+        self._version = version
+        self._prefix = prefix
+        self._run_dir: str | None = None
+        self._resume_step: int | None = None
+        self._log_dir: str | None = None  # resolved on first use, then fixed
+
+    # -- where
+    @property
+    def save_dir(self) -> str | None:
+        """The ``save_dir`` given, or None when files go into the run directory."""
+        return self._save_dir
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int | str | None:
+        """The version; with a ``save_dir`` and no version given, the next free ``version_N`` number."""
+        if self._version is None and self._save_dir is not None:
+            self._version = _next_version(os.path.join(self._save_dir, self._name))
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        """The directory this logger writes into (see the module docstring)."""
+        if self._log_dir is None:
+            if self._save_dir is not None:
+                base = os.path.join(self._save_dir, self._name)
+            elif self._run_dir is not None:
+                base = os.path.join(self._run_dir, self._name)
+            else:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no directory yet: it was built with save_dir=None, so it writes"
+                    " into the run directory, which the Trainer passes with attach(run_dir). Call attach()"
+                    " first, or pass save_dir=..."
+                )
+            version = self.version
+            path = os.path.join(base, _version_dirname(version)) if version is not None else base
+            self._log_dir = os.path.normpath(path)
+        return self._log_dir
+
+    def attach(self, run_dir: str | os.PathLike[str], *, resume_step: int | None = None) -> None:
+        """Bind to the run directory before the run starts; called by the Trainer.
+
+        ``resume_step``: the global step a resumed run restarts from. Rows
+        logged at this step or later by the interrupted run are dropped (they
+        will be logged again), so a resumed run's logs have no duplicates.
+        Attaching again to the same directory without ``resume_step`` changes
+        nothing, so ``test()`` after ``fit()`` appends to the same files.
+        """
+        run_dir = os.fspath(run_dir)
+        if run_dir == self._run_dir and resume_step is None:
+            return  # e.g. trainer.test() after fit(): keep writing where fit wrote
+        self._close()
+        self._run_dir = run_dir
+        self._resume_step = resume_step
+        self._log_dir = None
+        self._on_attach()
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}{_PREFIX_JOIN}{name}" if self._prefix else name
+
+    # -- hooks for subclasses
+    def _on_attach(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    # -- MetricsSink
+    def progress(self, update: Progress) -> None:
+        """Progress updates are for the progress bar; loggers ignore them."""
+
+    def __repr__(self) -> str:
+        where = self._log_dir or self._save_dir or "<run dir>"
+        return f"{type(self).__name__}({where!r})"
+
+
+class TensorBoardLogger(_DirectoryLogger):
+    """Writes metrics and hyperparameters as TensorBoard event files on the driver.
+
+    Readable with ``tensorboard --logdir <log_dir>`` and with TensorBoard's
+    ``EventAccumulator``. Scalars are tagged with the metric name (prefixed
+    with ``prefix-`` when a prefix is given) at the logger step.
+    Hyperparameters appear in TensorBoard's HPARAMS tab and as a text entry
+    ``hparams``. ``writer_kwargs`` (e.g. ``max_queue``, ``flush_secs``) go
+    to ``torch.utils.tensorboard.SummaryWriter``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str] | None = None,
+        name: str | None = "",
+        version: int | str | None = None,
+        prefix: str = "",
+        **writer_kwargs: Any,
+    ):
+        super().__init__(save_dir, name, version, prefix)
+        self._writer_kwargs = writer_kwargs
+        self._writer: Any = None
+
+    @property
+    def experiment(self) -> Any:
+        """The underlying ``SummaryWriter`` (opened on first use), for anything not covered here."""
+        if self._writer is None:
+            # Imported lazily: torch.utils.tensorboard is slow to import and
+            # only the driver that actually logs needs it.
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._writer = SummaryWriter(
+                log_dir=self.log_dir, purge_step=self._resume_step, **self._writer_kwargs
+            )
+            # Purge once: a writer reopened later (after finalize or unpickling)
+            # must not hide what this run has logged since.
+            self._resume_step = None
+        return self._writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """One scalar per metric at ``step``, flushed so ``tensorboard`` sees it promptly."""
+        writer = self.experiment
+        for name, value in metrics.items():
+            writer.add_scalar(self._key(name), float(value), global_step=step)
+        # flush() writes buffered events to the OS; it does not fsync, so this is cheap.
+        writer.flush()
+
+    def log_hyperparams(self, params: Mapping[str, Any] | Namespace) -> None:
+        """Hyperparameters for the HPARAMS tab (nested keys joined with "/") and a readable text table."""
+        from torch.utils.tensorboard.summary import hparams
+
+        plain = _plain(_as_dict(params))
+        flat = {
+            k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v))
+            for k, v in _flatten(plain).items()
+        }
+        writer = self.experiment
+        for summary in hparams(flat, {}):
+            writer.file_writer.add_summary(summary)
+        rows = "\n".join(f"|{k}|{v}|" for k, v in flat.items())
+        writer.add_text("hparams", f"|name|value|\n|-|-|\n{rows}")
+        writer.flush()
+
+    def flush(self) -> None:
+        """Write buffered events to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self, status: str) -> None:
+        """Flush and close the event file; a later write opens a new one."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_writer"] = None  # an open event file cannot travel; it reopens on the next write
+        return state
+
+
+class CSVLogger(_DirectoryLogger):
+    """Writes metric rows to ``<log_dir>/metrics.csv`` and hyperparameters to ``<log_dir>/hparams.json``.
+
+    Like Lightning's CSV logger, each logged row is one CSV row with a
+    ``step`` column; the header is the sorted union of every key seen, and
+    when a new key appears the file is rewritten with the wider header.
+    Rows are buffered and written every ``flush_logs_every_n_steps`` rows and
+    at :meth:`finalize`. Hyperparameters go to JSON rather than Lightning's
+    ``hparams.yaml`` so raylight needs no YAML dependency.
+
+    An existing ``metrics.csv`` in ``log_dir`` is never deleted: new rows
+    are appended under its header (widened if needed). After
+    ``attach(run_dir, resume_step=N)`` its rows from step N on are dropped
+    first, since the resumed run logs them again. (Lightning replaces the
+    file instead; here the run directory is the record a resumed run
+    continues, so losing rows would be worse than keeping them.)
+    """
+
+    METRICS_FILE = "metrics.csv"
+    HPARAMS_FILE = "hparams.json"
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str] | None = None,
+        name: str | None = "",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ):
+        super().__init__(save_dir, name, version, prefix)
+        every = flush_logs_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"CSVLogger(flush_logs_every_n_steps={flush_logs_every_n_steps!r}): expected an int >= 1"
+                " (rows buffered before they are written)"
+            )
+        self._flush_every = flush_logs_every_n_steps
+        self._rows: list[dict[str, float]] = []
+        self._keys: list[str] = []  # header of the file on disk
+        self._prepared = False  # whether the existing file was dealt with
+
+    @property
+    def metrics_file_path(self) -> str:
+        return os.path.join(self.log_dir, self.METRICS_FILE)
+
+    def _on_attach(self) -> None:
+        self._keys = []
+        self._prepared = False
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer one row (metrics plus ``step``); written every ``flush_logs_every_n_steps`` rows."""
+        _ = self.log_dir  # fail now, not at the first flush, when there is nowhere to write
+        row = {self._key(k): float(v) for k, v in metrics.items()}
+        row["step"] = step
+        self._rows.append(row)
+        if len(self._rows) >= self._flush_every:
+            self.flush()
+
+    def log_hyperparams(self, params: Mapping[str, Any] | Namespace) -> None:
+        """Write ``hparams.json`` (replacing it atomically); values JSON cannot hold are stored as ``str``."""
+        os.makedirs(self.log_dir, exist_ok=True)
+        text = json.dumps(_plain(_as_dict(params)), indent=2)
+        _atomic_write(os.path.join(self.log_dir, self.HPARAMS_FILE), lambda f: f.write(text + "\n"))
+
+    def flush(self) -> None:
+        """Write buffered rows, widening the file's header first if new keys appeared."""
+        self._prepare_file()
+        if not self._rows:
+            return
+        new_keys = {k for row in self._rows for k in row} - set(self._keys)
+        path = self.metrics_file_path
+        if new_keys:
+            old_rows = _read_rows(path) if self._keys else []
+            self._keys = sorted(set(self._keys) | new_keys)
+            rows = old_rows + self._rows
+            _atomic_write(path, lambda f: _write_rows(f, self._keys, rows))
+        else:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._keys).writerows(self._rows)
+        self._rows = []
+
+    def finalize(self, status: str) -> None:
+        """Write any buffered rows."""
+        self.flush()
+
+    def _close(self) -> None:
+        if self._rows:
+            self.flush()  # rows logged before a re-attach belong to the old directory
+
+    def _prepare_file(self) -> None:
+        """On the first write after attach: adopt an existing file's header, dropping rows a resumed run redoes."""
+        if self._prepared:
+            return
+        path = self.metrics_file_path
+        os.makedirs(self.log_dir, exist_ok=True)
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys = list(reader.fieldnames or [])
+                kept = [r for r in reader if self._resume_step is None or _row_step(r) < self._resume_step]
+            if self._resume_step is not None:
+                _atomic_write(path, lambda f: _write_rows(f, keys, kept))
+            self._keys = keys
+        self._prepared = True
+
+
+def _row_step(row: Mapping[str, str]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")
+
+
+def _read_rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(f, keys: list[str], rows: list[Mapping[str, Any]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write via a temporary file and rename, so a reader never sees a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
