@@ -1,0 +1,183 @@
+"""The Trainer facade in-process (num_workers=0): run directory, loggers, checkpoints, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from launcher import CSVLogger, TensorBoardLogger, Trainer
+from launcher.spec import SpecError
+from runtime import LightningModule, seed_everything
+
+
+class Regressor(LightningModule):
+    def __init__(self, hidden: int = 8, lr: float = 0.05):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _loaders(n: int = 40, batch: int = 8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    ds = TensorDataset(x, x.sum(dim=1, keepdim=True))
+    return DataLoader(ds, batch_size=batch), DataLoader(ds, batch_size=batch)
+
+
+def test_fit_writes_run_directory_with_tensorboard_csv_checkpoints_and_status(tmp_path):
+    seed_everything(0)
+    model = Regressor()
+    trainer = Trainer(
+        max_epochs=3,
+        default_root_dir=str(tmp_path),
+        run_name="exp1",
+        log_every_n_steps=2,
+        logger=[TensorBoardLogger(), CSVLogger()],
+        enable_progress_bar=False,
+    )
+    trainer.fit(model, *_loaders())
+    run = tmp_path / "exp1"
+
+    spec = json.loads((run / "spec.json").read_text())
+    assert spec["max_epochs"] == 3 and spec["run_name"] == "exp1"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["global_step"] == 15 and status["epoch"] == 3
+    assert os.path.exists(status["last_checkpoint"])
+
+    # TensorBoard event files the driver wrote, read the way `tensorboard --logdir` reads them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert {"train_loss_step", "train_loss_epoch", "val_loss"} <= set(scalars)
+    val = acc.Scalars("val_loss")
+    assert len(val) == 3
+    assert val[-1].value == pytest.approx(float(trainer.callback_metrics["val_loss"]), abs=1e-6)
+    assert [e.step for e in acc.Scalars("train_loss_step")] == [1, 3, 5, 7, 9, 11, 13]
+
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    epoch_rows = [r for r in rows if r.get("train_loss_epoch")]
+    assert len(epoch_rows) == 3
+    assert float(epoch_rows[-1]["train_loss_epoch"]) == pytest.approx(
+        float(trainer.callback_metrics["train_loss_epoch"]), abs=1e-6
+    )
+
+    ckpts = sorted(os.listdir(run / "checkpoints"))
+    assert "last.ckpt" in ckpts and "epoch=2-step=15.ckpt" in ckpts
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value)
+    assert saved["hyper_parameters"] == {"hidden": 8, "lr": 0.05}
+
+
+def test_trained_weights_stay_in_the_driver_model_and_load_from_checkpoint(tmp_path):
+    seed_everything(1)
+    model = Regressor(hidden=6)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(max_epochs=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    trainer.fit(model, *_loaders())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert trainer.global_step == 10 and trainer.current_epoch == 2
+
+    restored = Regressor.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert restored.hparams.hidden == 6
+    for a, b in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(a, b)
+    override = Regressor.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, lr=0.5)
+    assert override.hparams.lr == 0.5
+
+
+def test_resume_with_ckpt_path_last_matches_uninterrupted(tmp_path):
+    seed_everything(3)
+    reference = Regressor()
+    Trainer(max_epochs=4, default_root_dir=str(tmp_path / "a"), logger=False, enable_progress_bar=False).fit(
+        reference, *_loaders()
+    )
+
+    seed_everything(3)
+    first = Regressor()
+    Trainer(max_epochs=2, default_root_dir=str(tmp_path / "b"), run_name="r", logger=False, enable_progress_bar=False).fit(
+        first, *_loaders()
+    )
+    resumed = Regressor()
+    trainer = Trainer(max_epochs=4, default_root_dir=str(tmp_path / "b"), run_name="r", logger=False, enable_progress_bar=False)
+    trainer.fit(resumed, *_loaders(), ckpt_path="last")
+    assert trainer.global_step == 20
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_validate_and_test_return_one_dict_per_dataloader(tmp_path):
+    class WithTest(Regressor):
+        def test_step(self, batch, batch_idx, dataloader_idx=0):
+            x, y = batch
+            self.log("test_loss", nn.functional.mse_loss(self.net(x), y))
+
+    model = WithTest()
+    trainer = Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    val = trainer.validate(model, _loaders()[1], verbose=False)
+    assert list(val[0]) == ["val_loss"]
+    a, b = _loaders(n=16)[1], _loaders(n=24)[1]
+    results = trainer.test(model, [a, b], verbose=False)
+    assert len(results) == 2
+    assert set(results[0]) == {"test_loss/dataloader_idx_0"}
+    assert set(results[1]) == {"test_loss/dataloader_idx_1"}
+
+
+def test_predict_returns_batches_in_order(tmp_path):
+    model = Regressor()
+    x = torch.arange(20, dtype=torch.float32).reshape(5, 4)
+    preds = Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False).predict(
+        model, DataLoader(x, batch_size=2)
+    )
+    assert [p.shape[0] for p in preds] == [2, 2, 1]
+    with torch.no_grad():
+        assert torch.allclose(torch.cat(preds), model(x))
+
+
+def test_invalid_arguments_fail_before_anything_runs(tmp_path):
+    with pytest.raises(SpecError, match="max_epoch.*did you mean 'max_epochs'"):
+        Trainer(max_epoch=3, default_root_dir=str(tmp_path))
+    with pytest.raises(SpecError, match="precision"):
+        Trainer(precision="fp8", default_root_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir()), "a rejected spec must not create a run directory"
+
+
+def test_raylight_ls_lists_runs(tmp_path):
+    Trainer(max_epochs=1, default_root_dir=str(tmp_path), run_name="one", logger=False, enable_progress_bar=False).fit(
+        Regressor(), *_loaders()
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "ls", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    header, row = out.strip().splitlines()
+    assert header.split()[:4] == ["RUN", "STATUS", "EPOCH", "STEP"]
+    assert row.split()[:4] == ["one", "finished", "1", "5"]
+    bad = subprocess.run([sys.executable, "-m", "launcher.cli", "ls", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no such directory" in bad.stderr
