@@ -55,11 +55,11 @@ class Trainer:
         ``last.ckpt`` (or, with no ``run_name``, the newest one under
         ``default_root_dir``), to resume exactly where it stopped.
         """
-        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=True)
+        path, checkpoint = self._resolve_checkpoint(ckpt_path)
         engine = self._new_engine()
         self._start(resume_step=int(checkpoint["global_step"]) if checkpoint is not None else None)
         try:
-            engine.fit(model, train_dataloaders, val_dataloaders, datamodule, checkpoint)
+            engine.fit(model, train_dataloaders, val_dataloaders, datamodule, checkpoint, path)
         except BaseException:
             self._finish(engine, "interrupted" if engine.state.status == "interrupted" else "failed")
             raise
@@ -76,10 +76,10 @@ class Trainer:
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions: bool = True, ckpt_path=None):
         """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders)."""
         model = self._model_or_last(model, "predict")
-        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=False)
+        path, checkpoint = self._resolve_checkpoint(ckpt_path)
         engine = self._new_engine()
         self._start(resume_step=None, create=False)
-        predictions = engine.predict(model, dataloaders, datamodule, checkpoint)
+        predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
         return predictions if return_predictions else None
 
     # ------------------------------------------------------------- properties
@@ -187,9 +187,10 @@ class Trainer:
             best_score=(float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None),
         )
 
-    def _resolve_checkpoint(self, ckpt_path: str | None, fitting: bool) -> dict[str, Any] | None:
+    def _resolve_checkpoint(self, ckpt_path: str | None) -> tuple[str | None, dict[str, Any] | None]:
+        """(path, loaded checkpoint) for ``ckpt_path``: a path, "last" or "best"."""
         if ckpt_path is None:
-            return None
+            return None, None
         path = str(ckpt_path)
         if path == "last":
             path = self._find_last()
@@ -201,7 +202,7 @@ class Trainer:
                     "pass a checkpoint path"
                 )
             path = ckpt.best_model_path
-        return load_checkpoint(path)
+        return path, load_checkpoint(path)
 
     def _find_last(self) -> str:
         if os.path.exists(self.run_dir.last_checkpoint):
@@ -227,11 +228,11 @@ class Trainer:
 
     def _evaluate(self, model, dataloaders, ckpt_path, verbose, datamodule, testing: bool):
         model = self._model_or_last(model, "test" if testing else "validate")
-        checkpoint = self._resolve_checkpoint(ckpt_path, fitting=False)
+        path, checkpoint = self._resolve_checkpoint(ckpt_path)
         engine = self._new_engine()
         self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
         run = engine.test if testing else engine.validate
-        results = run(model, dataloaders, datamodule, checkpoint)
+        results = run(model, dataloaders, datamodule, checkpoint, path)
         if verbose:
             _print_results(results, "Test" if testing else "Validate")
         return results

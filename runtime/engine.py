@@ -106,6 +106,7 @@ class Engine:
         self.fit_loop: FitLoop | None = None
         self._val_loop: EvaluationLoop | None = None
         self._seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+        self.ckpt_path: str | None = None  # the checkpoint this run started from
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -304,35 +305,40 @@ class Engine:
         val_dataloaders: Any = None,
         datamodule: LightningDataModule | None = None,
         ckpt: dict[str, Any] | str | None = None,
+        ckpt_path: str | None = None,
     ) -> None:
-        """Train ``module``; ``ckpt`` (a checkpoint dict or path) resumes exactly where it was saved."""
+        """Train ``module``; ``ckpt`` (a checkpoint dict or path) resumes exactly where it was saved.
+
+        ``ckpt_path`` names where a ``ckpt`` dict came from, for error messages
+        and so that ModelCheckpoint never deletes the file a run resumed from.
+        """
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
         self._attach(module, datamodule, TrainerFn.FITTING)
         self._train_source = train_dataloaders
         self._val_source = val_dataloaders
-        self._run(self._fit_impl, ckpt)
+        self._run(self._fit_impl, ckpt, ckpt_path)
 
-    def validate(self, module, dataloaders=None, datamodule=None, ckpt=None) -> list[dict[str, float]]:
-        return self._evaluate(module, dataloaders, datamodule, ckpt, testing=False)
+    def validate(self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None) -> list[dict[str, float]]:
+        return self._evaluate(module, dataloaders, datamodule, ckpt, ckpt_path, testing=False)
 
-    def test(self, module, dataloaders=None, datamodule=None, ckpt=None) -> list[dict[str, float]]:
-        return self._evaluate(module, dataloaders, datamodule, ckpt, testing=True)
+    def test(self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None) -> list[dict[str, float]]:
+        return self._evaluate(module, dataloaders, datamodule, ckpt, ckpt_path, testing=True)
 
-    def predict(self, module, dataloaders=None, datamodule=None, ckpt=None) -> list[Any]:
+    def predict(self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None) -> list[Any]:
         """Predictions per dataloader (a flat list of batch outputs when there is one dataloader)."""
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         self._attach(module, datamodule, TrainerFn.PREDICTING)
         self._eval_source = dataloaders
-        return self._run(self._predict_impl, ckpt)
+        return self._run(self._predict_impl, ckpt, ckpt_path)
 
-    def _evaluate(self, module, dataloaders, datamodule, ckpt, testing: bool):
+    def _evaluate(self, module, dataloaders, datamodule, ckpt, ckpt_path, testing: bool):
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         self._attach(module, datamodule, TrainerFn.TESTING if testing else TrainerFn.VALIDATING)
         self._eval_source = dataloaders
-        return self._run(lambda checkpoint: self._evaluate_impl(testing, checkpoint), ckpt)
+        return self._run(lambda checkpoint: self._evaluate_impl(testing, checkpoint), ckpt, ckpt_path)
 
     # ============================================================== lifecycle
     def _attach(self, module: LightningModule, datamodule: LightningDataModule | None, fn: TrainerFn) -> None:
@@ -368,7 +374,7 @@ class Engine:
         ]
         self.hooks = HookRunner(self)
 
-    def _run(self, impl, ckpt):
+    def _run(self, impl, ckpt, ckpt_path: str | None = None):
         module = self.lightning_module
         stage = self.state.fn.value
         try:
@@ -379,7 +385,7 @@ class Engine:
             self.hooks.setup(stage)
             module.to(self.strategy.root_device)
             self.precision.convert_module(module)
-            checkpoint = self._load(ckpt)
+            checkpoint = self._load(ckpt, ckpt_path)
             result = impl(checkpoint)
             self.hooks.teardown(stage)
             self.state.status = "finished"
@@ -398,14 +404,15 @@ class Engine:
             self._ddp_model = None
             module._collector = None
 
-    def _load(self, ckpt: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    def _load(self, ckpt: dict[str, Any] | str | None, ckpt_path: str | None) -> dict[str, Any] | None:
+        self.ckpt_path = ckpt if isinstance(ckpt, str) else ckpt_path
         if ckpt is None:
             return None
         if isinstance(ckpt, str):
             checkpoint = load_checkpoint(ckpt)
             source = ckpt
         else:
-            checkpoint, source = ckpt, "<checkpoint dict>"
+            checkpoint, source = ckpt, ckpt_path or "<checkpoint dict>"
         required_keys(checkpoint, ["state_dict"], source)
         module = self.lightning_module
         module.on_load_checkpoint(checkpoint)

@@ -29,6 +29,7 @@ class LightningModule(nn.Module):
         self._hparams: AttributeDict = AttributeDict()
         self._hparams_initial: AttributeDict = AttributeDict()
         self._collector = None  # set by the engine around each hook that may log
+        self._current_hook: str | None = None  # the hook running now, for error messages
         self._device = torch.device("cpu")
 
     # ------------------------------------------------------------------ state
@@ -144,9 +145,10 @@ class LightningModule(nn.Module):
             if self._trainer is None:
                 # Lightning ignores log() outside a trainer (e.g. a unit test calling training_step).
                 return
+            where = f"in `{self._current_hook}`" if self._current_hook else "outside the trainer's hooks"
             raise MisconfigurationError(
-                f"self.log({name!r}, ...) was called outside a hook that may log (for example from __init__, "
-                "setup or configure_optimizers); log from the step or epoch hooks instead"
+                f"self.log({name!r}, ...) is not allowed {where}; log from the step hooks, the batch/epoch start "
+                "and end hooks, or the backward/optimizer hooks"
             )
         self._collector.log(
             name,

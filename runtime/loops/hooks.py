@@ -45,38 +45,37 @@ class HookRunner:
         module = self.module
         collector = self.engine._active_collector
         previous_fx = collector.current_fx if collector is not None else None
-        previous = module._collector
+        previous, previous_hook = module._collector, module._current_hook
         if collector is not None:
             collector.current_fx = fx
         module._collector = collector
+        module._current_hook = fx
         try:
             yield
         finally:
             module._collector = previous
+            module._current_hook = previous_hook
             if collector is not None:
                 collector.current_fx = previous_fx
-
-    def _each(self, fx: str, call: Callable[[Callback], Any], callbacks: list[Callback] | None = None) -> None:
-        with self.scope(fx):
-            for cb in self.engine.callbacks if callbacks is None else callbacks:
-                call(cb)
 
     # ------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         e, m = self.engine, self.module
-        if e.datamodule is not None:
-            e.datamodule.setup(stage)
-        for cb in e.callbacks:
-            cb.setup(e, m, stage)
-        m.setup(stage)
+        with self.scope("setup"):
+            if e.datamodule is not None:
+                e.datamodule.setup(stage)
+            for cb in e.callbacks:
+                cb.setup(e, m, stage)
+            m.setup(stage)
 
     def teardown(self, stage: str) -> None:
         e, m = self.engine, self.module
-        if e.datamodule is not None:
-            e.datamodule.teardown(stage)
-        for cb in e.callbacks:
-            cb.teardown(e, m, stage)
-        m.teardown(stage)
+        with self.scope("teardown"):
+            if e.datamodule is not None:
+                e.datamodule.teardown(stage)
+            for cb in e.callbacks:
+                cb.teardown(e, m, stage)
+            m.teardown(stage)
 
     def on_exception(self, exception: BaseException) -> None:
         e, m = self.engine, self.module
@@ -88,15 +87,17 @@ class HookRunner:
     # --------------------------------------------------------------- fit
     def on_fit_start(self) -> None:
         e, m = self.engine, self.module
-        for cb in e.callbacks:
-            cb.on_fit_start(e, m)
-        m.on_fit_start()
+        with self.scope("on_fit_start"):
+            for cb in e.callbacks:
+                cb.on_fit_start(e, m)
+            m.on_fit_start()
 
     def on_fit_end(self) -> None:
         e, m = self.engine, self.module
-        for cb in e.callbacks:
-            cb.on_fit_end(e, m)
-        m.on_fit_end()
+        with self.scope("on_fit_end"):
+            for cb in e.callbacks:
+                cb.on_fit_end(e, m)
+            m.on_fit_end()
 
     def on_sanity_check_start(self) -> None:
         for cb in self.engine.callbacks:
@@ -115,9 +116,10 @@ class HookRunner:
 
     def on_train_end(self) -> None:
         e, m = self.engine, self.module
-        for cb in e.callbacks:
-            cb.on_train_end(e, m)
-        m.on_train_end()
+        with self.scope("on_train_end"):
+            for cb in e.callbacks:
+                cb.on_train_end(e, m)
+            m.on_train_end()
 
     def on_train_epoch_start(self) -> None:
         e, m = self.engine, self.module
@@ -212,9 +214,10 @@ class HookRunner:
 
     def on_validation_end(self) -> None:
         e, m = self.engine, self.module
-        for cb in e.callbacks:
-            cb.on_validation_end(e, m)
-        m.on_validation_end()
+        with self.scope("on_validation_end"):
+            for cb in e.callbacks:
+                cb.on_validation_end(e, m)
+            m.on_validation_end()
 
     def on_validation_epoch_start(self) -> None:
         e, m = self.engine, self.module
@@ -266,9 +269,10 @@ class HookRunner:
 
     def on_test_end(self) -> None:
         e, m = self.engine, self.module
-        for cb in e.callbacks:
-            cb.on_test_end(e, m)
-        m.on_test_end()
+        with self.scope("on_test_end"):
+            for cb in e.callbacks:
+                cb.on_test_end(e, m)
+            m.on_test_end()
 
     def on_test_epoch_start(self) -> None:
         e, m = self.engine, self.module
