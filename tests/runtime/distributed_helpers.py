@@ -1,0 +1,431 @@
+"""Two-rank gloo runs for tests/runtime/test_distributed.py.
+
+Ranks are started with ``torch.multiprocessing.start_processes`` (what
+``torch.multiprocessing.spawn`` calls) using the ``forkserver`` method: as
+with ``spawn`` each rank is a fresh process that shares no state with pytest,
+but it is forked from a server that imported torch once, so a test pays well
+under a second to start its ranks instead of the tens of seconds that two
+concurrent ``import torch`` take on a busy two-core machine.
+
+The function each rank runs is pickled, so every worker, module and dataset
+here is a top-level name. A worker gets its rank and the test's directory,
+runs the Engine, and writes what the test checks (weights, metrics, indices)
+with ``torch.save``; the test process loads those files and asserts, so a
+failed assertion never leaves a peer rank waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from runtime import LightningModule, ModelCheckpoint, seed_everything
+from runtime.config import RunConfig
+from runtime.engine import Engine
+
+WORLD_SIZE = 2
+
+
+# --------------------------------------------------------------------------- spawning
+def _rank_main(
+    rank: int, world_size: int, init_method: str, pg_timeout_s: float, fn: Callable[..., None], args: tuple
+) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    # Two ranks share two cores: more intra-op threads only add contention.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=pg_timeout_s),
+    )
+    fn(rank, *args)
+    # Only on success: tearing the group down after an error could block on the peer that is still in a collective.
+    dist.destroy_process_group()
+
+
+def _start_method() -> str:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    # Takes effect when the server starts (the first call); later calls change nothing. torch._dynamo is what
+    # the first optimizer constructor imports lazily: several seconds that every rank would otherwise pay again.
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__])
+    return "forkserver"
+
+
+def spawn(fn: Callable[..., None], tmp_path: Path, *args: Any, pg_timeout_s: float = 60.0) -> None:
+    """Run ``fn(rank, *args)`` on two gloo ranks; raises ProcessRaisedException if a rank raised."""
+    init_file = Path(tmp_path) / f"pg-init-{uuid.uuid4().hex}"
+    mp.start_processes(
+        _rank_main,
+        args=(WORLD_SIZE, init_file.as_uri(), pg_timeout_s, fn, args),
+        nprocs=WORLD_SIZE,
+        join=True,
+        start_method=_start_method(),
+    )
+
+
+def result_path(out_dir: str | Path, name: str, rank: int) -> Path:
+    return Path(out_dir) / f"{name}-rank{rank}.pt"
+
+
+def save_result(out_dir: str | Path, name: str, rank: int, obj: Any) -> None:
+    torch.save(obj, result_path(out_dir, name, rank))
+
+
+def load_results(out_dir: str | Path, name: str) -> list[Any]:
+    """Every rank's result for ``name``, indexed by rank."""
+    return [torch.load(result_path(out_dir, name, rank), weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class RecordingSink:
+    """A MetricsSink that keeps every row it is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step: int) -> None:
+        self.rows.append((int(step), {k: float(v) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, params) -> None:
+        pass
+
+    def progress(self, update) -> None:
+        pass
+
+    def finalize(self, status: str) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- data
+def regression_data(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def indexed_data(n: int) -> TensorDataset:
+    """(index, features) pairs, so a step can tell which samples it got."""
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.arange(n), torch.randn(n, 4, generator=g))
+
+
+# --------------------------------------------------------------------------- modules
+class RegressionModule(LightningModule):
+    """A tiny MLP regressor; ``dropout`` > 0 makes each step draw from the global RNG."""
+
+    def __init__(self, dropout: float = 0.0, lr: float = 0.1, momentum: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+        self.lr = lr
+        self.momentum = momentum
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class IndexRecordingModule(LightningModule):
+    """Records, per epoch, the dataset indices each training step received."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        idx, x = batch
+        self.seen.setdefault(self.current_epoch, []).extend(idx.tolist())
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        idx, x = batch
+        # One row per sample: its index, then a value computed from the sample.
+        return torch.cat([idx.unsqueeze(1).to(x.dtype), 2 * x], dim=1)
+
+
+def train_value(rank: int, batch_idx: int) -> float:
+    """What ReductionsModule logs in training_step."""
+    return 10.0 * rank + batch_idx + 1
+
+
+def val_value(rank: int, batch_idx: int) -> float:
+    """What ReductionsModule logs in validation_step."""
+    return 100.0 + 10.0 * rank + batch_idx + 1
+
+
+class ReductionsModule(LightningModule):
+    """Logs a rank-dependent value with each reduce_fx (synced) and once unsynced."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        idx, x = batch
+        value = train_value(self.global_rank, batch_idx)
+        for fx in ("mean", "sum", "max", "min"):
+            self.log(f"t_{fx}", value, on_step=True, on_epoch=True, reduce_fx=fx, sync_dist=True)
+        self.log("t_local", value, on_step=True, on_epoch=True)
+        return self.layer(x).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        value = val_value(self.global_rank, batch_idx)
+        for fx in ("mean", "sum", "max", "min"):
+            self.log(f"v_{fx}", value, reduce_fx=fx, sync_dist=True)
+        self.log("v_local", value)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class ManyMetricsModule(LightningModule):
+    """Logs ``num_metrics`` sync_dist metrics per training and validation step."""
+
+    def __init__(self, num_metrics: int):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.num_metrics = num_metrics
+
+    def training_step(self, batch, batch_idx):
+        idx, x = batch
+        for i in range(self.num_metrics):
+            self.log(f"train_m{i}", float(i + self.global_rank), on_step=True, on_epoch=True, sync_dist=True)
+        return self.layer(x).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        for i in range(self.num_metrics):
+            self.log(f"val_m{i}", float(i + self.global_rank), on_step=True, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class FailingModule(RegressionModule):
+    """Rank ``fail_rank`` raises in training_step at batch ``fail_batch``."""
+
+    def __init__(self, fail_rank: int, fail_batch: int):
+        super().__init__()
+        self.fail_rank = fail_rank
+        self.fail_batch = fail_batch
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == self.fail_rank and batch_idx == self.fail_batch:
+            raise ValueError(f"deliberate failure on rank {self.global_rank} at batch {batch_idx}")
+        return super().training_step(batch, batch_idx)
+
+
+def quiet_config(out_dir: str | Path, **overrides: Any) -> RunConfig:
+    settings: dict[str, Any] = dict(
+        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(out_dir)
+    )
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+# --------------------------------------------------------------------------- 1. DDP equivalence
+EQUIVALENCE_SAMPLES = 80
+EQUIVALENCE_EPOCHS = 3
+
+
+def equivalence_fit(out_dir: str | Path, batch_size: int, accumulate: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Fit a seeded RegressionModule without shuffling; returns (weights, global_step)."""
+    torch.manual_seed(0)
+    module = RegressionModule(lr=0.1)
+    loader = DataLoader(regression_data(EQUIVALENCE_SAMPLES), batch_size=batch_size, shuffle=False)
+    engine = Engine(quiet_config(out_dir, max_epochs=EQUIVALENCE_EPOCHS, accumulate_grad_batches=accumulate))
+    engine.fit(module, loader)
+    return cpu_state(module), engine.global_step
+
+
+def equivalence_worker(rank: int, out_dir: str, accumulate_values: list[int]) -> None:
+    result = {}
+    for accumulate in accumulate_values:
+        weights, step = equivalence_fit(out_dir, batch_size=8, accumulate=accumulate)
+        result[f"acc{accumulate}"] = {"weights": weights, "global_step": step}
+    save_result(out_dir, "equivalence", rank, result)
+
+
+# --------------------------------------------------------------------------- 2. sync_dist
+REDUCTION_SAMPLES = 10  # 5 per rank: batches of 3 and 2, so batch-size weighting matters
+REDUCTION_BATCH = 3
+
+
+def reductions_worker(rank: int, out_dir: str) -> None:
+    sink = RecordingSink()
+    engine = Engine(quiet_config(out_dir, max_epochs=1), metrics_sink=sink)
+    data = indexed_data(REDUCTION_SAMPLES)
+    engine.fit(
+        ReductionsModule(),
+        DataLoader(data, batch_size=REDUCTION_BATCH, shuffle=False),
+        DataLoader(data, batch_size=REDUCTION_BATCH, shuffle=False),
+    )
+    save_result(
+        out_dir,
+        "reductions",
+        rank,
+        {"callback_metrics": floats(engine.callback_metrics), "rows": sink.rows},
+    )
+
+
+COUNT_TRAIN_BATCHES = 3  # per rank
+COUNT_VAL_BATCHES = 2  # per rank
+
+
+class _CallCounter:
+    def __init__(self, owner: Any, name: str):
+        self.owner, self.name = owner, name
+        self.original = getattr(owner, name)
+        self.calls = 0
+        setattr(owner, name, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.original(*args, **kwargs)
+
+    def restore(self) -> None:
+        setattr(self.owner, self.name, self.original)
+
+
+# Every collective the runtime can reach from Python; DDP's gradient all-reduce runs in its C++ reducer instead.
+_COLLECTIVES = ("all_gather", "all_reduce", "broadcast", "barrier", "all_gather_object", "broadcast_object_list")
+
+
+def collective_count_worker(rank: int, out_dir: str, metric_counts: list[int]) -> None:
+    result = {}
+    data = indexed_data(2 * 4 * COUNT_TRAIN_BATCHES)
+    val_data = indexed_data(2 * 4 * COUNT_VAL_BATCHES)
+    for num_metrics in metric_counts:
+        engine = Engine(quiet_config(out_dir, max_epochs=1))
+        packed = _CallCounter(engine.strategy, "gather_packed")
+        counters = {name: _CallCounter(dist, name) for name in _COLLECTIVES}
+        try:
+            engine.fit(
+                ManyMetricsModule(num_metrics),
+                DataLoader(data, batch_size=4, shuffle=False),
+                DataLoader(val_data, batch_size=4, shuffle=False),
+            )
+        finally:
+            packed.restore()
+            for counter in counters.values():
+                counter.restore()
+        result[num_metrics] = {
+            "gather_packed": packed.calls,
+            "collectives": {name: c.calls for name, c in counters.items()},
+            "callback_metrics": floats(engine.callback_metrics),
+        }
+    save_result(out_dir, "collectives", rank, result)
+
+
+# --------------------------------------------------------------------------- 3. sampler swap
+SAMPLER_SAMPLES = 11  # odd: DistributedSampler pads one sample
+SAMPLER_BATCH = 2
+SAMPLER_EPOCHS = 3
+SAMPLER_SEED = 1234
+
+
+def sampler_worker(rank: int, out_dir: str) -> None:
+    result = {}
+    for use_distributed_sampler in (True, False):
+        seed_everything(SAMPLER_SEED, verbose=False)
+        module = IndexRecordingModule()
+        engine = Engine(
+            quiet_config(out_dir, max_epochs=SAMPLER_EPOCHS, use_distributed_sampler=use_distributed_sampler)
+        )
+        loader = DataLoader(indexed_data(SAMPLER_SAMPLES), batch_size=SAMPLER_BATCH, shuffle=True)
+        engine.fit(module, loader)
+        result[f"distributed={use_distributed_sampler}"] = {
+            "seen": {int(epoch): list(indices) for epoch, indices in module.seen.items()},
+            "num_training_batches": int(engine.num_training_batches),
+        }
+    save_result(out_dir, "sampler", rank, result)
+
+
+# --------------------------------------------------------------------------- 4. exact resume
+RESUME_SAMPLES = 40  # 20 per rank, batch 4: 5 batches per epoch
+RESUME_BATCH = 4
+RESUME_EPOCHS = 2
+RESUME_EVERY_N_STEPS = 3
+
+
+def resume_fit(out_dir: str | Path, ckpt_dir: str | Path, ckpt: str | None) -> Engine:
+    seed_everything(42, verbose=False)
+    module = RegressionModule(dropout=0.5, lr=0.05, momentum=0.9)
+    engine = Engine(
+        RunConfig(max_epochs=RESUME_EPOCHS, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(out_dir)),
+        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=RESUME_EVERY_N_STEPS, save_top_k=-1)],
+    )
+    loader = DataLoader(regression_data(RESUME_SAMPLES, seed=3), batch_size=RESUME_BATCH, shuffle=True)
+    engine.fit(module, loader, ckpt=ckpt)
+    return engine
+
+
+def resume_full_worker(rank: int, out_dir: str, ckpt_dir: str) -> None:
+    engine = resume_fit(out_dir, ckpt_dir, None)
+    save_result(
+        out_dir,
+        "resume-full",
+        rank,
+        {"weights": cpu_state(engine.lightning_module), "global_step": engine.global_step},
+    )
+
+
+def resume_from_worker(rank: int, out_dir: str, ckpt_paths: list[str]) -> None:
+    result = {}
+    for i, path in enumerate(ckpt_paths):
+        engine = resume_fit(out_dir, Path(out_dir) / f"resumed-ckpts-{i}", path)
+        result[path] = {"weights": cpu_state(engine.lightning_module), "global_step": engine.global_step}
+    save_result(out_dir, "resume-from", rank, result)
+
+
+# --------------------------------------------------------------------------- 5. predict
+PREDICT_BATCH = 3
+
+
+def predict_worker(rank: int, out_dir: str, sizes: list[int]) -> None:
+    result = {}
+    for n in sizes:
+        engine = Engine(quiet_config(out_dir))
+        predictions = engine.predict(IndexRecordingModule(), DataLoader(indexed_data(n), batch_size=PREDICT_BATCH))
+        result[n] = [p.detach().cpu() for p in predictions]
+    save_result(out_dir, "predict", rank, result)
+
+
+# --------------------------------------------------------------------------- 6. a failing rank
+FAIL_RANK = 1
+FAIL_BATCH = 2
+
+
+def failing_worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)
+    engine = Engine(quiet_config(out_dir, max_epochs=2))
+    loader = DataLoader(regression_data(48), batch_size=4, shuffle=False)
+    engine.fit(FailingModule(FAIL_RANK, FAIL_BATCH), loader)
+    save_result(out_dir, "failing-finished", rank, {"global_step": engine.global_step})
