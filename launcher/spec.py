@@ -176,7 +176,7 @@ class TrainerSpec(BaseModel):
     # --- optimisation
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    gradient_clip_algorithm: Literal["norm", "value"] | None = None  # None clips by norm, as in Lightning
     precision: str = "32-true"
     deterministic: bool = False
     detect_anomaly: bool = False

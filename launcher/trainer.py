@@ -77,7 +77,7 @@ class Trainer:
         """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders)."""
         model = self._model_or_last(model, "predict")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
-        engine = self._new_engine()
+        engine = self._new_engine(keep_progress=True)
         self._start(resume_step=None, create=False)
         predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
         return predictions if return_predictions else None
@@ -138,6 +138,55 @@ class Trainer:
             raise RuntimeError("estimated_stepping_batches is known once fit() has started")
         return self._engine.estimated_stepping_batches
 
+    # Lightning Trainer attributes that scripts read after fit; they come from the last run's engine.
+    _ENGINE_ATTRIBUTES = frozenset(
+        {
+            "optimizers",
+            "lr_scheduler_configs",
+            "lightning_module",
+            "model",
+            "num_training_batches",
+            "num_val_batches",
+            "num_sanity_val_batches",
+            "num_test_batches",
+            "num_predict_batches",
+            "max_epochs",
+            "min_epochs",
+            "max_steps",
+            "min_steps",
+            "accumulate_grad_batches",
+            "gradient_clip_val",
+            "gradient_clip_algorithm",
+            "check_val_every_n_epoch",
+            "val_check_interval",
+            "log_every_n_steps",
+            "is_global_zero",
+            "world_size",
+            "global_rank",
+            "local_rank",
+            "node_rank",
+            "num_devices",
+            "sanity_checking",
+            "training",
+            "validating",
+            "testing",
+            "predicting",
+            "early_stopping_callback",
+            "datamodule",
+            "precision",
+            "strategy",
+            "fast_dev_run",
+        }
+    )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Trainer._ENGINE_ATTRIBUTES:
+            engine = self.__dict__.get("_engine")
+            if engine is None:
+                raise AttributeError(f"Trainer.{name} is set once fit/validate/test/predict has started")
+            return getattr(engine, name)
+        raise AttributeError(f"'Trainer' object has no attribute {name!r}")
+
     def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
         """Write a checkpoint of the last run's state (after fit, or from a callback during it)."""
         if self._engine is None:
@@ -152,7 +201,8 @@ class Trainer:
             return []
         return list(logger) if isinstance(logger, (list, tuple)) else [logger]
 
-    def _new_engine(self) -> Engine:
+    def _new_engine(self, keep_progress: bool = False) -> Engine:
+        previous = self._engine
         if self.spec.num_workers > 0:
             raise NotImplementedError(
                 f"Trainer(num_workers={self.spec.num_workers}) runs on Ray workers, which this build does not "
@@ -166,6 +216,10 @@ class Trainer:
             checkpoint_sink=LocalCheckpointSink(),
             loggers=self.loggers,
         )
+        if keep_progress and previous is not None:
+            # trainer.validate/test after fit report the fitted epoch and step, as Lightning's do.
+            self._engine.current_epoch = previous.current_epoch
+            self._engine.global_step = previous.global_step
         return self._engine
 
     def _start(self, resume_step: int | None, create: bool = True) -> None:
@@ -229,7 +283,7 @@ class Trainer:
     def _evaluate(self, model, dataloaders, ckpt_path, verbose, datamodule, testing: bool):
         model = self._model_or_last(model, "test" if testing else "validate")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
-        engine = self._new_engine()
+        engine = self._new_engine(keep_progress=True)
         self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
         run = engine.test if testing else engine.validate
         results = run(model, dataloaders, datamodule, checkpoint, path)

@@ -26,7 +26,7 @@ class RunConfig:
     log_every_n_steps: int = 50
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str = "norm"  # "norm" or "value"
+    gradient_clip_algorithm: str | None = None  # "norm" (the default when None) or "value"
     precision: str = "32-true"  # 32-true, 16-mixed, bf16-mixed, bf16-true, 64-true
     deterministic: bool = False
     enable_checkpointing: bool = True

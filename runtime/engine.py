@@ -80,7 +80,7 @@ class Engine:
         is_zero = self.strategy.is_global_zero
         self.metrics_sink: MetricsSink = metrics_sink if (metrics_sink is not None and is_zero) else NullMetricsSink()
         self.checkpoint_sink: CheckpointSink = checkpoint_sink or LocalCheckpointSink()
-        self.precision = Precision(self.config.precision, self.strategy.root_device)
+        self.precision_plugin = Precision(self.config.precision, self.strategy.root_device)
         self.state = TrainerState()
         self.current_epoch = 0
         self.global_step = 0
@@ -95,7 +95,8 @@ class Engine:
         self._progress_bar_metrics: dict[str, float] = {}
         self._active_collector = None
         self._train_loader: PreparedLoader | None = None
-        self._val_loaders: list[PreparedLoader] = []
+        self._val_loaders: list[PreparedLoader] | None = None
+        self._has_val = False
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
         self.num_sanity_val_batches: list[int | float] = []
@@ -126,6 +127,16 @@ class Engine:
     @property
     def num_devices(self) -> int:
         return 1
+
+    @property
+    def node_rank(self) -> int:
+        return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+
+    @property
+    def is_last_batch(self) -> bool:
+        """True while the training loop runs the last batch of its epoch."""
+        loop = self.fit_loop
+        return loop is not None and loop.batch_idx + 1 >= self.num_training_batches
 
     @property
     def num_nodes(self) -> int:
@@ -183,8 +194,8 @@ class Engine:
         return self.config.effective_max_steps
 
     @property
-    def min_epochs(self) -> int | None:
-        return self.config.min_epochs
+    def min_epochs(self) -> int:
+        return self.config.min_epochs or 0
 
     @property
     def min_steps(self) -> int | None:
@@ -199,7 +210,7 @@ class Engine:
         return self.config.gradient_clip_val
 
     @property
-    def gradient_clip_algorithm(self) -> str:
+    def gradient_clip_algorithm(self) -> str | None:
         return self.config.gradient_clip_algorithm
 
     @property
@@ -227,7 +238,7 @@ class Engine:
         return self.config.limit_val_batches
 
     @property
-    def precision_name(self) -> str:
+    def precision(self) -> str:
         return self.config.precision
 
     @property
@@ -351,6 +362,8 @@ class Engine:
         self.datamodule = datamodule
         self._train_source = self._val_source = self._eval_source = None
         self._train_loader = None
+        self._val_loaders = None
+        self._has_val = False
         module.trainer = self
         if datamodule is not None:
             datamodule.trainer = self
@@ -384,7 +397,7 @@ class Engine:
                 module.prepare_data()
             self.hooks.setup(stage)
             module.to(self.strategy.root_device)
-            self.precision.convert_module(module)
+            self.precision_plugin.convert_module(module)
             checkpoint = self._load(ckpt, ckpt_path)
             result = impl(checkpoint)
             self.hooks.teardown(stage)
@@ -432,8 +445,6 @@ class Engine:
         self._manual = ManualOptimization(self)
         self.fit_loop = FitLoop(self)
         self._val_loop = EvaluationLoop(self, RunningStage.VALIDATING)
-        self._ensure_train_loader()
-        self._setup_val_loaders()
         if checkpoint is not None:
             self._restore_training_state(checkpoint)
         elif module.hparams:
@@ -441,6 +452,10 @@ class Engine:
         self.hooks.on_fit_start()
         if checkpoint is None:
             self._run_sanity_check()
+        # Dataloaders are requested here, after the sanity check, in Lightning's order: train, then val.
+        self._ensure_train_loader()
+        if self._val_loaders is None:
+            self._setup_val_loaders()
         rng_after_restore = checkpoint.get("rng_states") if checkpoint is not None else None
         if rng_after_restore:
             restore_rng_state(rng_after_restore)
@@ -550,28 +565,36 @@ class Engine:
         return as_loader_list(dm.val_dataloader() if dm is not None else module.val_dataloader())
 
     def _setup_val_loaders(self) -> None:
-        module = self.lightning_module
-        has_step = type(module).validation_step is not LightningModule.validation_step
         limit = self.config.fast_dev_run or self.config.limit_val_batches
-        if not has_step or limit == 0:
+        if not self._validation_enabled():
             self._val_loaders, self.num_val_batches = [], []
         else:
             self._val_loaders = [self._prepare(dl, "val", limit) for dl in self._eval_sources("val")]
             self.num_val_batches = [p.num_batches for p in self._val_loaders]
         self._has_val = bool(self._val_loaders) and sum(self.num_val_batches) > 0
 
+    def _validation_enabled(self) -> bool:
+        module = self.lightning_module
+        has_step = type(module).validation_step is not LightningModule.validation_step
+        return has_step and (self.config.fast_dev_run or self.config.limit_val_batches) != 0
+
     def _run_sanity_check(self) -> None:
         steps = self.config.num_sanity_val_steps
-        if not self._has_val or steps == 0 or self.config.fast_dev_run:
+        if not self._validation_enabled() or steps == 0 or self.config.fast_dev_run:
             return
-        budgets = [b if steps == -1 else min(b, steps) for b in self.num_val_batches]
-        self.num_sanity_val_batches = budgets
+        # The sanity check must not change training's random stream (data order, dropout), as in Lightning.
+        rng = capture_rng_state()
         self.state.stage = RunningStage.SANITY_CHECKING
         self.hooks.on_sanity_check_start()
-        loop = EvaluationLoop(self, RunningStage.VALIDATING)
-        loop.run(self._val_loaders, budgets)
+        self._setup_val_loaders()
+        budgets = [b if steps == -1 else min(b, steps) for b in self.num_val_batches]
+        self.num_sanity_val_batches = budgets
+        if self._has_val:
+            EvaluationLoop(self, RunningStage.VALIDATING).run(self._val_loaders, budgets)
         self.hooks.on_sanity_check_end()
         self.state.stage = RunningStage.TRAINING
+        self._callback_metrics, self._logged_metrics, self._progress_bar_metrics = {}, {}, {}
+        restore_rng_state(rng)
 
     def _run_validation(self) -> None:
         previous = self.state.stage
@@ -618,14 +641,14 @@ class Engine:
 
     def _prepare_batch(self, batch: Any, dataloader_idx: int) -> Any:
         module = self.lightning_module
-        batch = self.precision.convert_input(batch)
+        batch = self.precision_plugin.convert_input(batch)
         batch = module.on_before_batch_transfer(batch, dataloader_idx)
         batch = module.transfer_batch_to_device(batch, self.strategy.root_device, dataloader_idx)
         return module.on_after_batch_transfer(batch, dataloader_idx)
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)
-        with self.hooks.scope("training_step"), self.precision.forward_context():
+        with self.hooks.scope("training_step"), self.precision_plugin.forward_context():
             if self._ddp_model is not None and self.strategy.is_distributed:
                 return self._ddp_model(*args)
             return self.lightning_module.training_step(*args)
@@ -634,18 +657,18 @@ class Engine:
         module = self.lightning_module
         args: tuple = (batch, batch_idx) if dataloader_idx is None else (batch, batch_idx, dataloader_idx)
         fx = "test_step" if testing else "validation_step"
-        with self.hooks.scope(fx), self.precision.forward_context():
+        with self.hooks.scope(fx), self.precision_plugin.forward_context():
             return module.test_step(*args) if testing else module.validation_step(*args)
 
     def _predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int | None) -> Any:
         args: tuple = (batch, batch_idx) if dataloader_idx is None else (batch, batch_idx, dataloader_idx)
-        with self.precision.forward_context():
+        with self.precision_plugin.forward_context():
             return self.lightning_module.predict_step(*args)
 
     def _backward(self, loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         self.hooks.on_before_backward(loss)
         with self.hooks.scope("backward"):
-            self.lightning_module.backward(self.precision.scale_loss(loss), *args, **kwargs)
+            self.lightning_module.backward(self.precision_plugin.scale_loss(loss), *args, **kwargs)
         self.hooks.on_after_backward()
 
     def _zero_grad(self, optimizer: torch.optim.Optimizer, batch_idx: int) -> None:
@@ -666,12 +689,12 @@ class Engine:
             if module.automatic_optimization:
                 self.hooks.configure_gradient_clipping(optimizer)
 
-        if self.precision.scaler is not None and closure is not None:
+        if self.precision_plugin.scaler is not None and closure is not None:
             result = closure_and_check()
             if not skipped[0]:
-                self.precision.optimizer_step(optimizer, None, after_closure, **kwargs)
+                self.precision_plugin.optimizer_step(optimizer, None, after_closure, **kwargs)
         else:
-            result = self.precision.optimizer_step(optimizer, closure, after_closure, **kwargs)
+            result = self.precision_plugin.optimizer_step(optimizer, closure, after_closure, **kwargs)
         self.global_step += 1
         return result
 
@@ -761,8 +784,8 @@ class Engine:
             checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
             checkpoint["optimizer_states"] = [opt.state_dict() for opt in self.optimizers]
             checkpoint["lr_schedulers"] = [config.scheduler.state_dict() for config in self.lr_scheduler_configs]
-            if self.precision.scaler is not None:
-                checkpoint["MixedPrecision"] = self.precision.state_dict()
+            if self.precision_plugin.scaler is not None:
+                checkpoint["MixedPrecision"] = self.precision_plugin.state_dict()
             checkpoint["rng_states"] = capture_rng_state()
         if module.hparams:
             checkpoint["hyper_parameters"] = checkpointable_hparams(dict(module.hparams))
@@ -808,7 +831,7 @@ class Engine:
         for config, state in zip(self.lr_scheduler_configs, sched_states):
             config.scheduler.load_state_dict(state)
         if "MixedPrecision" in checkpoint:
-            self.precision.load_state_dict(checkpoint["MixedPrecision"])
+            self.precision_plugin.load_state_dict(checkpoint["MixedPrecision"])
         callback_states = checkpoint.get("callbacks", {})
         for cb in self.callbacks:
             if cb.state_key in callback_states:

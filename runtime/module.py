@@ -425,6 +425,10 @@ class LightningModule(nn.Module):
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Runs after each ``validation_step``."""
 
+    def on_validation_model_zero_grad(self) -> None:
+        """Runs before validation inside fit (not mid-accumulation); frees the gradients' memory."""
+        self.zero_grad(set_to_none=True)
+
     def on_validation_model_eval(self) -> None:
         """Puts the model in eval mode for validation."""
         self.eval()

@@ -56,6 +56,9 @@ _HOOK_LOG_OPTIONS: dict[str, tuple | None] = {
 @dataclass
 class _Entry:
     name: str  # the key (with "/dataloader_idx_N" where it applies)
+    base: str  # the name given to self.log
+    suffix: str  # "" or "/dataloader_idx_N"
+    dataloader_idx: int | None  # the eval dataloader it was logged from (None: epoch-level hooks)
     on_step: bool
     on_epoch: bool
     prog_bar: bool
@@ -74,10 +77,10 @@ class _Entry:
         return self.on_step and self.on_epoch
 
     def step_key(self) -> str:
-        return self.name + "_step" if self.forked else self.name
+        return f"{self.base}_step{self.suffix}" if self.forked else self.name
 
     def epoch_key(self) -> str:
-        return self.name + "_epoch" if self.forked else self.name
+        return f"{self.base}_epoch{self.suffix}" if self.forked else self.name
 
 
 def _initial_total(reduce_fx: str) -> float:
@@ -171,13 +174,26 @@ class MetricCollector:
         if not on_step and not on_epoch:
             raise MisconfigurationError(f"self.log({name!r}, on_step=False, on_epoch=False) records nothing; set one")
 
-        key = name
+        suffix = ""
         if add_dataloader_idx and self.dataloader_idx is not None and self.num_dataloaders > 1:
-            key = f"{name}/dataloader_idx_{self.dataloader_idx}"
+            suffix = f"/dataloader_idx_{self.dataloader_idx}"
+        key = name + suffix
         entry = self.entries.get(key)
         sync = sync_dist and not rank_zero_only and self._gather is not None
         if entry is None:
-            entry = _Entry(key, on_step, on_epoch, prog_bar, logger, reduce_fx, sync, total=_initial_total(reduce_fx))
+            entry = _Entry(
+                key,
+                name,
+                suffix,
+                self.dataloader_idx,
+                on_step,
+                on_epoch,
+                prog_bar,
+                logger,
+                reduce_fx,
+                sync,
+                total=_initial_total(reduce_fx),
+            )
             self.entries[key] = entry
         elif (entry.on_step, entry.on_epoch, entry.reduce_fx) != (on_step, on_epoch, reduce_fx):
             raise MisconfigurationError(
@@ -296,6 +312,10 @@ class MetricCollector:
                 pbar[key] = float(value)
         return callback, log, pbar
 
+    def epoch_keys_by_dataloader(self) -> dict[str, int | None]:
+        """Epoch log key -> the dataloader it was logged from (None for epoch-level hooks)."""
+        return {e.epoch_key(): e.dataloader_idx for e in self.entries.values() if e.on_epoch and e.logger}
+
     def reset(self) -> None:
         """Start a new epoch: drop accumulators, keep nothing."""
         self.entries.clear()
@@ -307,6 +327,8 @@ class MetricCollector:
         """Epoch accumulators, so a mid-epoch resume reports the same epoch means."""
         return {
             name: {
+                "base": e.base,
+                "suffix": e.suffix,
                 "on_step": e.on_step,
                 "on_epoch": e.on_epoch,
                 "prog_bar": e.prog_bar,
@@ -325,6 +347,9 @@ class MetricCollector:
         self.entries = {
             name: _Entry(
                 name,
+                s.get("base", name),
+                s.get("suffix", ""),
+                None,
                 s["on_step"],
                 s["on_epoch"],
                 s["prog_bar"],

@@ -85,13 +85,10 @@ class EvaluationLoop:
             engine._logged_metrics.update(log)
             engine._progress_bar_metrics.update(pbar)
             engine._log_to_sink(log)
+            origin = self.collector.epoch_keys_by_dataloader()
             for dl_idx in range(len(loaders)):
-                suffix = f"/dataloader_idx_{dl_idx}"
-                row = {
-                    k: float(v)
-                    for k, v in log.items()
-                    if len(loaders) == 1 or k.endswith(suffix) or "/dataloader_idx_" not in k
-                }
+                # A metric belongs to the dataloader it was logged from; epoch-level hooks belong to all.
+                row = {k: float(v) for k, v in log.items() if origin.get(k) in (None, dl_idx) or len(loaders) == 1}
                 results.append(row)
         if testing:
             hooks.on_test_end()

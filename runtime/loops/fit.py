@@ -227,6 +227,8 @@ class FitLoop:
                     engine._log_to_sink(log, step=self.batches_that_stepped)
             engine._report_progress(RunningStage.TRAINING, batch_idx + 1, budget, engine._progress_bar_metrics)
             if self._should_check_val(batch_idx, is_last):
+                if not should_accumulate:
+                    module.on_validation_model_zero_grad()
                 engine._active_collector = None
                 # A checkpoint written during this validation resumes after it, not before.
                 self.position = "after_val"

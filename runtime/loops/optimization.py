@@ -106,17 +106,18 @@ class AutomaticOptimization:
         def closure() -> Tensor | None:
             output = engine._training_step(batch, batch_idx)
             loss, extra = parse_automatic_output(output, engine, batch_idx)
-            if loss is None:
-                result.clear()
-                return None
-            engine._check_finite_loss(loss, batch_idx)
-            loss = loss / accumulate if accumulate > 1 else loss
             result.clear()
-            result["loss"] = loss.detach()
-            result.update(extra)
+            if loss is not None:
+                engine._check_finite_loss(loss, batch_idx)
+                loss = loss / accumulate if accumulate > 1 else loss
+                result["loss"] = loss.detach()
+                result.update(extra)
+            # Zeroing happens even when the batch is skipped (training_step returned None), so the
+            # optimizer step that follows sees no stale gradients, as in Lightning.
             if zero_grad_now:
                 engine._zero_grad(optimizer.optimizer, batch_idx)
-            engine._backward(loss, optimizer.optimizer)
+            if loss is not None:
+                engine._backward(loss, optimizer.optimizer)
             return loss
 
         if should_step:

@@ -156,7 +156,7 @@ def test_defaults_match_lightning():
     assert spec.val_check_interval == 1.0 and spec.check_val_every_n_epoch == 1
     assert spec.num_sanity_val_steps == 2 and spec.log_every_n_steps == 50
     assert spec.accumulate_grad_batches == 1 and spec.gradient_clip_val is None
-    assert spec.gradient_clip_algorithm == "norm" and spec.precision == "32-true"
+    assert spec.gradient_clip_algorithm is None and spec.precision == "32-true"  # None clips by norm
     assert spec.logger is True and spec.callbacks == []
     assert spec.enable_checkpointing and spec.enable_progress_bar
     assert spec.num_workers == 0 and not spec.use_gpu and spec.run_name is None

@@ -1,0 +1,244 @@
+"""save_hyperparameters / load_from_checkpoint, EarlyStopping and ModelCheckpoint(monitor, save_top_k) parity.
+
+Each side loads only checkpoints it wrote itself; the restored modules are
+compared with each other.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.parity.bodies import Regressor
+from tests.parity.harness import (
+    PL,
+    RL,
+    as_float,
+    assert_fit_parity,
+    assert_same_weights,
+    build_pair,
+    loader,
+    module_class,
+    recording_logger,
+    run_both,
+)
+
+
+def _train_val():
+    return {"train_dataloaders": loader(n=22), "val_dataloaders": loader(n=10, seed=99)}
+
+
+# --------------------------------------------------------------------- hyperparameters
+
+
+class HParams(Regressor):
+    def __init__(self, lr: float = 0.05, hidden: int = 8, name: str = "net", layers=(1, 2), opt=None, **extra):
+        super().__init__(lr=lr, hidden=hidden)
+        self.save_hyperparameters()
+
+
+class HParamsIgnore(Regressor):
+    def __init__(self, lr: float = 0.05, hidden: int = 8, name: str = "net"):
+        super().__init__(lr=lr, hidden=hidden)
+        self.save_hyperparameters(ignore=["name"])
+
+
+class HParamsNamed(Regressor):
+    def __init__(self, lr: float = 0.05, hidden: int = 8, name: str = "net"):
+        super().__init__(lr=lr, hidden=hidden)
+        self.save_hyperparameters("lr", "hidden")
+
+
+class HParamsDict(Regressor):
+    def __init__(self, config: dict | None = None):
+        config = config or {"lr": 0.05, "hidden": 8}
+        super().__init__(lr=config["lr"], hidden=config["hidden"])
+        self.save_hyperparameters(config)
+
+
+HPARAM_CASES = {
+    "all-args": (HParams, dict(lr=0.1, hidden=6, name="x", layers=[3, 4], opt={"momentum": 0.5}, extra_kw=7)),
+    "ignore": (HParamsIgnore, dict(lr=0.1, hidden=6, name="x")),
+    "named": (HParamsNamed, dict(lr=0.1, hidden=6, name="x")),
+    "dict": (HParamsDict, dict(config={"lr": 0.1, "hidden": 6})),
+}
+
+
+@pytest.mark.parametrize("case", list(HPARAM_CASES))
+def test_save_hyperparameters(case):
+    body, kwargs = HPARAM_CASES[case]
+    plm, rlm = build_pair(body, **kwargs)
+    assert dict(rlm.hparams) == dict(plm.hparams)
+    assert dict(rlm.hparams_initial) == dict(plm.hparams_initial)
+    assert rlm.hparams.lr == plm.hparams.lr == 0.1  # attribute access
+
+
+def _fit_with_checkpoint(tmp_path, body, kwargs, logger=False):
+    plm, rlm = build_pair(body, **kwargs)
+    runs = {}
+    for side, model in ((PL, plm), (RL, rlm)):
+        dirpath = str(tmp_path / side.name / "ckpts")
+        ckpt = side.ModelCheckpoint(dirpath=dirpath, save_last=True)
+        extra = {}
+        if logger:
+            extra = dict(logger=[recording_logger(side)])
+        trainer = side.trainer(
+            str(tmp_path / side.name), max_epochs=2, enable_checkpointing=True, callbacks=[ckpt], **extra
+        )
+        torch.manual_seed(1)
+        trainer.fit(model, **_train_val())
+        runs[side.name] = (trainer, model, ckpt, extra.get("logger", [None])[0])
+    return runs["lightning"], runs["raylight"]
+
+
+# "dict" is left out: its hparams ({lr, hidden}) are not __init__ arguments, so Lightning cannot rebuild it either.
+@pytest.mark.parametrize("case", [c for c in HPARAM_CASES if c != "dict"])
+def test_load_from_checkpoint_restores_hparams_and_weights(tmp_path, case):
+    body, kwargs = HPARAM_CASES[case]
+    (pl_trainer, plm, pl_ckpt, _), (rl_trainer, rlm, rl_ckpt, _) = _fit_with_checkpoint(tmp_path, body, kwargs)
+    pl_loaded = module_class(body, PL).load_from_checkpoint(pl_ckpt.last_model_path)
+    rl_loaded = module_class(body, RL).load_from_checkpoint(rl_ckpt.last_model_path)
+    assert dict(rl_loaded.hparams) == dict(pl_loaded.hparams)
+    assert_same_weights(pl_loaded, rl_loaded)
+    assert_same_weights(plm, rl_loaded)  # last.ckpt holds the final weights
+
+
+def test_load_from_checkpoint_with_overrides(tmp_path):
+    body, kwargs = HPARAM_CASES["all-args"]
+    (_, _, pl_ckpt, _), (_, _, rl_ckpt, _) = _fit_with_checkpoint(tmp_path, body, kwargs)
+    pl_loaded = module_class(body, PL).load_from_checkpoint(pl_ckpt.last_model_path, lr=0.5, name="y")
+    rl_loaded = module_class(body, RL).load_from_checkpoint(rl_ckpt.last_model_path, lr=0.5, name="y")
+    assert dict(rl_loaded.hparams) == dict(pl_loaded.hparams)
+    assert rl_loaded.lr == pl_loaded.lr == 0.5
+    assert_same_weights(pl_loaded, rl_loaded)
+
+
+def test_checkpoint_contents(tmp_path):
+    body, kwargs = HPARAM_CASES["all-args"]
+    (_, _, pl_ckpt, pl_logger), (_, _, rl_ckpt, rl_logger) = _fit_with_checkpoint(tmp_path, body, kwargs, logger=True)
+    pl_dict = torch.load(pl_ckpt.last_model_path, weights_only=False)
+    rl_dict = torch.load(rl_ckpt.last_model_path, weights_only=True)
+    for key in ("epoch", "global_step", "hyper_parameters"):
+        assert rl_dict[key] == pl_dict[key], (
+            f"checkpoint[{key!r}]: lightning {pl_dict[key]!r}, raylight {rl_dict[key]!r}"
+        )
+    for key in pl_dict["state_dict"]:
+        assert torch.allclose(pl_dict["state_dict"][key], rl_dict["state_dict"][key], atol=1e-6, rtol=0), key
+    pl_opt, rl_opt = pl_dict["optimizer_states"], rl_dict["optimizer_states"]
+    assert len(rl_opt) == len(pl_opt) == 1
+    assert rl_opt[0]["param_groups"] == pl_opt[0]["param_groups"]
+    for idx, state in pl_opt[0]["state"].items():
+        for name, value in state.items():
+            assert torch.allclose(value, rl_opt[0]["state"][idx][name], atol=1e-6, rtol=0), (idx, name)
+    # The hyperparameters reach the logger once, as Lightning sends them.
+    assert rl_logger.hparams == pl_logger.hparams
+
+
+# ---------------------------------------------------------------------- monitored metric
+
+
+# A scripted validation metric per validation pass, independent of the weights.
+SCORES = [5.0, 4.0, 4.5, 3.0, 3.5, 3.6, 3.7, 2.0, 2.5, 2.6]
+
+
+class Scripted(Regressor):
+    def __init__(self, per_validation: bool = False) -> None:
+        super().__init__()
+        self.per_validation = per_validation
+        self.validations = 0
+
+    def on_validation_epoch_start(self):
+        if not self.trainer.sanity_checking:
+            self.validations += 1
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        index = self.validations - 1 if self.per_validation else self.current_epoch
+        self.log("val_score", SCORES[index])
+        self.log("val_neg_score", -SCORES[index])
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_score", SCORES[self.current_epoch], on_step=False, on_epoch=True)
+        return loss
+
+
+def _early_stopping_state(es):
+    return {
+        "stopped_epoch": es.stopped_epoch,
+        "wait_count": es.wait_count,
+        "best_score": as_float(es.best_score),
+    }
+
+
+ES_CASES = {
+    "val-min-patience-1": (dict(monitor="val_score", patience=1), dict()),
+    "val-max-patience-2": (dict(monitor="val_neg_score", mode="max", patience=2), dict()),
+    "val-min-delta": (dict(monitor="val_score", patience=1, min_delta=0.6), dict()),
+    "train-metric-no-val": (dict(monitor="train_score", patience=1), dict(limit_val_batches=0)),
+    "stopping-threshold": (dict(monitor="val_score", patience=10, stopping_threshold=3.2), dict()),
+    "val-twice-per-epoch": (dict(monitor="val_score", patience=2), dict(val_check_interval=0.5)),
+    "val-every-2-epochs": (dict(monitor="val_score", patience=1), dict(check_val_every_n_epoch=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(ES_CASES))
+def test_early_stopping(tmp_path, case):
+    es_args, trainer_args = ES_CASES[case]
+    pl_run, rl_run = run_both(
+        Scripted,
+        tmp_path=tmp_path,
+        init_args={"per_validation": "val_check_interval" in trainer_args or "check_val_every_n_epoch" in trainer_args},
+        data=_train_val,
+        trainer_args=dict(max_epochs=10, num_sanity_val_steps=0, limit_train_batches=2, **trainer_args),
+        callbacks=lambda side: [side.EarlyStopping(**es_args)],
+    )
+    assert pl_run.trainer.current_epoch < 10, "the oracle should stop early in this scenario"
+    assert_fit_parity(pl_run, rl_run)
+    assert rl_run.trainer.should_stop == pl_run.trainer.should_stop
+    assert _early_stopping_state(rl_run.callbacks[0]) == _early_stopping_state(pl_run.callbacks[0])
+
+
+CKPT_CASES = {
+    "top2-min": dict(monitor="val_score", save_top_k=2),
+    "top2-max-filename": dict(
+        monitor="val_neg_score", mode="max", save_top_k=2, filename="{epoch}-{val_neg_score:.2f}"
+    ),
+    "top2-save-last": dict(monitor="val_score", save_top_k=2, save_last=True),
+    "top2-every-2-epochs": dict(monitor="val_score", save_top_k=2, every_n_epochs=2),
+    "top2-every-3-steps": dict(monitor="val_score", save_top_k=2, every_n_train_steps=3),
+    "no-monitor": dict(),
+    "save-all": dict(monitor="val_score", save_top_k=-1),
+}
+
+
+@pytest.mark.parametrize("case", list(CKPT_CASES))
+def test_model_checkpoint(tmp_path, case):
+    pl_run, rl_run = run_both(
+        Scripted,
+        tmp_path=tmp_path,
+        data=_train_val,
+        trainer_args=dict(max_epochs=6, num_sanity_val_steps=0, limit_train_batches=2, enable_checkpointing=True),
+        callbacks=lambda side: [side.ModelCheckpoint(dirpath=str(tmp_path / side.name / "ckpts"), **CKPT_CASES[case])],
+    )
+    assert_fit_parity(pl_run, rl_run)
+    pl_cb, rl_cb = pl_run.callbacks[0], rl_run.callbacks[0]
+    files = lambda cb: sorted(os.listdir(cb.dirpath))  # noqa: E731
+    assert files(rl_cb) == files(pl_cb)
+    assert os.path.basename(rl_cb.best_model_path) == os.path.basename(pl_cb.best_model_path)
+    assert os.path.basename(rl_cb.last_model_path) == os.path.basename(pl_cb.last_model_path)
+    if pl_cb.best_model_score is None:
+        assert rl_cb.best_model_score is None
+    else:
+        assert as_float(rl_cb.best_model_score) == pytest.approx(as_float(pl_cb.best_model_score), abs=1e-6)
+    best_k = lambda cb: {os.path.basename(p): round(as_float(v), 6) for p, v in cb.best_k_models.items()}  # noqa: E731
+    assert best_k(rl_cb) == best_k(pl_cb)
+    # Each side's best checkpoint holds the same epoch/step and weights.
+    if pl_cb.best_model_path:
+        pl_best = torch.load(pl_cb.best_model_path, weights_only=False)
+        rl_best = torch.load(rl_cb.best_model_path, weights_only=True)
+        assert (rl_best["epoch"], rl_best["global_step"]) == (pl_best["epoch"], pl_best["global_step"])
+        for key in pl_best["state_dict"]:
+            assert torch.allclose(pl_best["state_dict"][key], rl_best["state_dict"][key], atol=1e-6, rtol=0), key

@@ -1,0 +1,126 @@
+"""trainer.validate / test return values (one dict per dataloader, dataloader_idx suffixes) and predict outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.parity.bodies import Regressor
+from tests.parity.harness import assert_fit_parity, assert_same_metrics, loader, run_both
+
+
+class MultiLoaderProbe(Regressor):
+    def _eval(self, prefix, batch, batch_idx, dataloader_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log(f"{prefix}_loss", loss)  # "/dataloader_idx_N" added with several loaders
+        self.log(f"{prefix}_forked", y.mean(), on_step=True, on_epoch=True)
+        self.log(f"{prefix}_sum", y.sum(), reduce_fx="sum", prog_bar=True)
+        self.log(f"{prefix}_own_dl{dataloader_idx}", loss, add_dataloader_idx=False)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval("val", batch, batch_idx, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval("test", batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self):
+        self.log("val_epoch_end", 7.0)
+
+    def on_test_epoch_end(self):
+        self.log("test_epoch_end", 8.0)
+
+
+def _eval_loaders(count):
+    return [loader(n=10, seed=99), loader(n=7, seed=98, batch_size=3)][:count]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+@pytest.mark.parametrize("count", [1, 2], ids=["one-loader", "two-loaders"])
+def test_evaluate_results(tmp_path, stage, count):
+    pl_run, rl_run = run_both(
+        MultiLoaderProbe,
+        tmp_path=tmp_path,
+        method=stage,
+        data=lambda: {"dataloaders": _eval_loaders(count) if count > 1 else _eval_loaders(1)[0], "verbose": False},
+    )
+    assert isinstance(rl_run.result, list) and len(rl_run.result) == len(pl_run.result) == count
+    for idx, (exp, act) in enumerate(zip(pl_run.result, rl_run.result)):
+        assert_same_metrics(exp, act, f"{stage}() result for dataloader {idx}")
+    assert_same_metrics(pl_run.trainer.callback_metrics, rl_run.trainer.callback_metrics, "callback_metrics")
+    assert_same_metrics(
+        pl_run.trainer.progress_bar_metrics, rl_run.trainer.progress_bar_metrics, "progress_bar_metrics"
+    )
+
+
+def test_fit_with_two_val_dataloaders(tmp_path):
+    pl_run, rl_run = run_both(
+        MultiLoaderProbe,
+        tmp_path=tmp_path,
+        data=lambda: {"train_dataloaders": loader(n=22), "val_dataloaders": _eval_loaders(2)},
+        trainer_args=dict(max_epochs=2),
+    )
+    assert_fit_parity(pl_run, rl_run, progress_bar=True)
+
+
+class Predictor(Regressor):
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        x, _ = batch
+        return {"y": self(x), "idx": torch.full((x.shape[0],), batch_idx), "dl": dataloader_idx}
+
+
+def _assert_same_predictions(expected, actual, where="predictions"):
+    assert type(actual) is type(expected), (
+        f"{where}: lightning {type(expected).__name__}, raylight {type(actual).__name__}"
+    )
+    if isinstance(expected, torch.Tensor):
+        assert torch.allclose(expected, actual, atol=1e-6, rtol=0), f"{where}: {expected} vs {actual}"
+    elif isinstance(expected, dict):
+        assert sorted(actual) == sorted(expected), f"{where}: keys {sorted(expected)} vs {sorted(actual)}"
+        for key in expected:
+            _assert_same_predictions(expected[key], actual[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{where}: {len(expected)} items in lightning, {len(actual)} in raylight"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            _assert_same_predictions(e, a, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {expected!r} vs {actual!r}"
+
+
+@pytest.mark.parametrize("count", [1, 2], ids=["one-loader", "two-loaders"])
+def test_predict_outputs(tmp_path, count):
+    pl_run, rl_run = run_both(
+        Predictor,
+        tmp_path=tmp_path,
+        method="predict",
+        data=lambda: {"dataloaders": _eval_loaders(count) if count > 1 else _eval_loaders(1)[0]},
+    )
+    _assert_same_predictions(pl_run.result, rl_run.result)
+
+
+def test_predict_with_default_predict_step(tmp_path):
+    # LightningModule.predict_step's default calls self(batch): here the batch is a plain tensor.
+    class DefaultPredict(Regressor):
+        predict_step = None  # removed below so the base class's default is used
+
+    del DefaultPredict.predict_step
+    data = torch.randn(10, 4, generator=torch.Generator().manual_seed(5))
+    pl_run, rl_run = run_both(
+        DefaultPredict,
+        tmp_path=tmp_path,
+        method="predict",
+        data=lambda: {"dataloaders": torch.utils.data.DataLoader(data, batch_size=4)},
+    )
+    _assert_same_predictions(pl_run.result, rl_run.result)
+
+
+def test_predict_limit_batches(tmp_path):
+    pl_run, rl_run = run_both(
+        Predictor,
+        tmp_path=tmp_path,
+        method="predict",
+        data=lambda: {"dataloaders": loader(n=22)},
+        trainer_args=dict(limit_predict_batches=3),
+    )
+    _assert_same_predictions(pl_run.result, rl_run.result)
