@@ -87,6 +87,8 @@ def _flatten(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
 class _DirectoryLogger:
     """Where a driver-side logger writes: the ``save_dir``/``name``/``version`` rules above."""
 
+    wants_progress = False  # progress() is a no-op for file loggers
+
     def __init__(
         self,
         save_dir: str | os.PathLike[str] | None,

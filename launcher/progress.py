@@ -95,6 +95,10 @@ class ProgressBar:
         self._eval: _Bar | None = None  # validation, sanity check, test or predict pass
         self._eval_stage: str | None = None
 
+    @property
+    def wants_progress(self) -> bool:
+        return self.enabled
+
     # -- MetricsSink
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass

@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ class Engine:
         checkpoint_sink: CheckpointSink | None = None,
         loggers: list[Any] | None = None,
         strategy: Strategy | None = None,
+        preemption_probe: Callable[[], bool] | None = None,
     ):
         self.config = config or RunConfig()
         self.strategy = strategy or Strategy(self.config.accelerator)
@@ -108,6 +109,8 @@ class Engine:
         self._val_loop: EvaluationLoop | None = None
         self._seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
         self.ckpt_path: str | None = None  # the checkpoint this run started from
+        # Called at step boundaries; True means "a node is about to go away: checkpoint now" (Ray preemption).
+        self._preemption_probe = preemption_probe
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -386,6 +389,18 @@ class Engine:
             cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)
         ]
         self.hooks = HookRunner(self)
+        self._autocast = self.precision_plugin._autocast_dtype is not None
+        transfer_hooks = (
+            LightningModule.on_before_batch_transfer,
+            LightningModule.transfer_batch_to_device,
+            LightningModule.on_after_batch_transfer,
+        )
+        self._plain_transfer = (
+            self.strategy.root_device.type == "cpu"
+            and self.config.precision in ("32-true", "16-mixed", "bf16-mixed")
+            and all(getattr(type(module), hook.__name__) is hook for hook in transfer_hooks)
+        )
+        self._wants_progress = getattr(self.metrics_sink, "wants_progress", True)
 
     def _run(self, impl, ckpt, ckpt_path: str | None = None):
         module = self.lightning_module
@@ -441,6 +456,7 @@ class Engine:
         self._configure_optimizers()
         self._ddp_model = self.strategy.wrap(_StepDispatcher(module))
         self._takes_batch_idx = _accepts(module.training_step, "batch_idx", 2)
+        self._step_fn = self._ddp_model if self.strategy.is_distributed else module.training_step
         self._automatic = AutomaticOptimization(self)
         self._manual = ManualOptimization(self)
         self.fit_loop = FitLoop(self)
@@ -641,6 +657,9 @@ class Engine:
 
     def _prepare_batch(self, batch: Any, dataloader_idx: int) -> Any:
         module = self.lightning_module
+        if self._plain_transfer:
+            # CPU, no dtype conversion, no transfer hooks: the batch is already where it must be.
+            return batch
         batch = self.precision_plugin.convert_input(batch)
         batch = module.on_before_batch_transfer(batch, dataloader_idx)
         batch = module.transfer_batch_to_device(batch, self.strategy.root_device, dataloader_idx)
@@ -648,10 +667,11 @@ class Engine:
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)
-        with self.hooks.scope("training_step"), self.precision_plugin.forward_context():
-            if self._ddp_model is not None and self.strategy.is_distributed:
-                return self._ddp_model(*args)
-            return self.lightning_module.training_step(*args)
+        with self.hooks.scope("training_step"):
+            if self._autocast:
+                with self.precision_plugin.forward_context():
+                    return self._step_fn(*args)
+            return self._step_fn(*args)
 
     def _eval_step(self, testing: bool, batch: Any, batch_idx: int, dataloader_idx: int | None) -> Any:
         module = self.lightning_module
@@ -666,35 +686,37 @@ class Engine:
             return self.lightning_module.predict_step(*args)
 
     def _backward(self, loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        self.hooks.on_before_backward(loss)
-        with self.hooks.scope("backward"):
-            self.lightning_module.backward(self.precision_plugin.scale_loss(loss), *args, **kwargs)
-        self.hooks.on_after_backward()
+        hooks = self.hooks
+        hooks.on_before_backward(loss)
+        scaled = self.precision_plugin.scale_loss(loss)
+        if hooks.custom_backward:
+            with hooks.scope("backward"):
+                self.lightning_module.backward(scaled, *args, **kwargs)
+        else:
+            scaled.backward(*args, **kwargs)
+        hooks.on_after_backward()
 
     def _zero_grad(self, optimizer: torch.optim.Optimizer, batch_idx: int) -> None:
         self.hooks.on_before_zero_grad(optimizer)
         self.hooks.optimizer_zero_grad(batch_idx, optimizer)
 
+    def _after_closure(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between backward and the step (gradients already unscaled): hooks, then clipping."""
+        self.hooks.on_before_optimizer_step(optimizer)
+        if self.lightning_module.automatic_optimization:
+            self.hooks.configure_gradient_clipping(optimizer)
+
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Any, **kwargs: Any) -> Any:
-        module = self.lightning_module
-        skipped = [False]
-
-        def closure_and_check():
+        plugin = self.precision_plugin
+        if plugin.scaler is not None and closure is not None:
             result = closure()
-            skipped[0] = result is None and module.automatic_optimization
-            return result
-
-        def after_closure() -> None:
-            self.hooks.on_before_optimizer_step(optimizer)
-            if module.automatic_optimization:
-                self.hooks.configure_gradient_clipping(optimizer)
-
-        if self.precision_plugin.scaler is not None and closure is not None:
-            result = closure_and_check()
-            if not skipped[0]:
-                self.precision_plugin.optimizer_step(optimizer, None, after_closure, **kwargs)
+            # A skipped batch (training_step returned None) has no scaled gradients to step with.
+            if result is not None or not self.lightning_module.automatic_optimization:
+                plugin.optimizer_step(optimizer, None, lambda: self._after_closure(optimizer), **kwargs)
         else:
-            result = self.precision_plugin.optimizer_step(optimizer, closure, after_closure, **kwargs)
+            result = closure() if closure is not None else None
+            self._after_closure(optimizer)
+            optimizer.step(**kwargs)
         self.global_step += 1
         return result
 
@@ -757,7 +779,7 @@ class Engine:
             )
 
     def _report_progress(self, stage: RunningStage, done: int, total: int | float, metrics: dict[str, float]) -> None:
-        if self.is_global_zero:
+        if self._wants_progress and self.strategy.global_rank == 0:
             self.metrics_sink.progress(
                 Progress(
                     stage=stage.value,
@@ -806,6 +828,12 @@ class Engine:
         if self.is_global_zero:
             self.checkpoint_sink.save(checkpoint, str(filepath))
         self.strategy.barrier()
+
+    def _save_preemption_checkpoint(self) -> None:
+        """A just-in-time checkpoint at a step boundary, written where ``ckpt_path="last"`` looks."""
+        ckpt = self.checkpoint_callback
+        directory = ckpt.dirpath if ckpt is not None and ckpt.dirpath else self.default_checkpoint_dir
+        self.save_checkpoint(os.path.join(directory, "last.ckpt"))
 
     def remove_checkpoint(self, filepath: str) -> None:
         if self.is_global_zero:

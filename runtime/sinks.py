@@ -59,6 +59,8 @@ class CheckpointSink(Protocol):
 class NullMetricsSink:
     """Drops everything: used on ranks other than 0 and when logging is off."""
 
+    wants_progress = False  # the loops skip building Progress updates nobody reads
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
@@ -77,6 +79,10 @@ class FanOutMetricsSink:
 
     def __init__(self, sinks: list[MetricsSink]):
         self.sinks = list(sinks)
+
+    @property
+    def wants_progress(self) -> bool:
+        return any(getattr(sink, "wants_progress", True) for sink in self.sinks)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for sink in self.sinks:

@@ -124,6 +124,7 @@ class MetricCollector:
         self.num_dataloaders = 1
         self._batch: Any = None
         self._batch_size: int | None = None
+        self._validated: dict[tuple, _Entry] = {}  # log() calls already checked, for the per-step fast path
 
     # ------------------------------------------------------------- hook scope
     def begin(self, fx: str | None, batch: Any = None, dataloader_idx: int | None = None) -> None:
@@ -155,6 +156,13 @@ class MetricCollector:
         rank_zero_only: bool,
     ) -> None:
         fx = self.current_fx
+        cache_key = (fx, name, on_step, on_epoch, reduce_fx, prog_bar, logger, sync_dist, add_dataloader_idx,
+                     rank_zero_only, self.dataloader_idx, enable_graph)
+        entry = self._validated.get(cache_key)
+        if entry is not None and type(value) is Tensor and value.ndim == 0 and not enable_graph:
+            # Same call as before from the same hook: the options are known to be valid.
+            self._update(entry, value.detach(), batch_size)
+            return
         options = _HOOK_LOG_OPTIONS.get(fx or "", None)
         if options is None:
             raise MisconfigurationError(
@@ -202,14 +210,19 @@ class MetricCollector:
                 f"{on_step}/{on_epoch}/{reduce_fx!r}); use one set of options per metric name"
             )
         entry.prog_bar, entry.logger, entry.sync = prog_bar, logger, sync
-        entry.updates += 1
+        if isinstance(reduce_fx, str) or not callable(reduce_fx):
+            self._validated[cache_key] = entry
+        self._update(entry, tensor, batch_size)
 
-        if on_step:
+    def _update(self, entry: _Entry, tensor: Tensor, batch_size: int | None) -> None:
+        entry.updates += 1
+        if entry.on_step:
             entry.step_value = tensor
-            entry.step_synced = not sync
-        if on_epoch:
+            entry.step_synced = not entry.sync
+        if entry.on_epoch:
             entry.epoch_value = None
-            scalar = float(tensor.detach())
+            scalar = float(tensor)
+            reduce_fx = entry.reduce_fx
             if reduce_fx == "mean":
                 weight = batch_size if batch_size is not None else self._current_batch_size()
                 entry.total += scalar * weight
@@ -319,6 +332,7 @@ class MetricCollector:
     def reset(self) -> None:
         """Start a new epoch: drop accumulators, keep nothing."""
         self.entries.clear()
+        self._validated.clear()
         self._batch = None
         self._batch_size = None
 
@@ -344,6 +358,7 @@ class MetricCollector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._validated.clear()
         self.entries = {
             name: _Entry(
                 name,

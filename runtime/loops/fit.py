@@ -161,6 +161,13 @@ class FitLoop:
 
         module.train()
         batch_idx = skip - 1
+        # Settings that cannot change inside an epoch, read once: this loop's own cost is per step.
+        automatic = module.automatic_optimization
+        accumulate = engine.accumulate_grad_batches
+        collector = self.collector
+        run_automatic, run_manual = engine._automatic.run, engine._manual.run
+        has_schedulers = bool(engine.lr_scheduler_configs)
+        probe = engine._preemption_probe
         while not self._batch_loop_done(batch_idx, budget):
             try:
                 batch = next(iterator)
@@ -171,24 +178,27 @@ class FitLoop:
             self.total_batch_idx += 1
             is_last = batch_idx + 1 >= budget
             batch = engine._prepare_batch(batch, 0)
-            self.collector.new_batch(batch)
-            response = hooks.on_train_batch_start(batch, batch_idx)
-            if response == -1:
+            collector.new_batch(batch)
+            if hooks.on_train_batch_start(batch, batch_idx) == -1:
                 break
-            should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
-            if module.automatic_optimization:
-                outputs = engine._automatic.run(batch, batch_idx, should_step=not should_accumulate)
+            should_accumulate = automatic and (batch_idx + 1) % accumulate != 0 and not is_last
+            if automatic:
+                outputs = run_automatic(batch, batch_idx, not should_accumulate)
             else:
-                outputs = engine._manual.run(batch, batch_idx)
+                outputs = run_manual(batch, batch_idx)
             self.batches_done = batch_idx + 1
-            if not should_accumulate:
+            if has_schedulers and not should_accumulate:
                 engine._update_schedulers("step", batch_idx, plateau=False)
                 if is_last:
                     engine._update_schedulers("epoch", batch_idx, plateau=False)
-            self.collector.sync_step()
+            collector.sync_step()
             self.position = "batch_end"
             hooks.on_train_batch_end(outputs, batch, batch_idx)
             self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
+            if probe is not None and probe():
+                # A node is about to be preempted: commit a checkpoint now; the run continues, and resumes
+                # from it on the remaining or replacement nodes.
+                engine._save_preemption_checkpoint()
         del iterator
         self._finish_epoch(resume_after_callbacks=False)
 
@@ -213,19 +223,25 @@ class FitLoop:
         if should_accumulate is None:
             should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
         if position == "batch_end":
-            self.collector.sync_step()
-            callback, log, pbar = self.collector.step_metrics()
-            engine._callback_metrics.update(callback)
-            engine._logged_metrics.update(log)
-            engine._progress_bar_metrics.update(pbar)
-            if not should_accumulate or not module.automatic_optimization:
-                log_every = engine.log_every_n_steps
-                should_log = log_every > 0 and (
-                    (self.batches_that_stepped + 1) % log_every == 0 or engine.should_stop
+            collector = self.collector
+            collector.sync_step()
+            log_now = False
+            if not should_accumulate:
+                log_every = engine.config.log_every_n_steps
+                log_now = bool(engine.config.fast_dev_run) or (
+                    log_every > 0 and ((self.batches_that_stepped + 1) % log_every == 0 or engine.should_stop)
                 )
-                if log and (should_log or engine.fast_dev_run):
+            # In one process callback_metrics are read lazily; across ranks every step publishes its
+            # synced values so that all ranks see the same callback_metrics.
+            if log_now or engine._wants_progress or engine.strategy.is_distributed:
+                callback, log, pbar = collector.step_metrics()
+                engine._callback_metrics.update(callback)
+                engine._logged_metrics.update(log)
+                engine._progress_bar_metrics.update(pbar)
+                if log and log_now:
                     engine._log_to_sink(log, step=self.batches_that_stepped)
-            engine._report_progress(RunningStage.TRAINING, batch_idx + 1, budget, engine._progress_bar_metrics)
+                if engine._wants_progress:
+                    engine._report_progress(RunningStage.TRAINING, batch_idx + 1, budget, engine._progress_bar_metrics)
             if self._should_check_val(batch_idx, is_last):
                 if not should_accumulate:
                     module.on_validation_model_zero_grad()
@@ -248,6 +264,10 @@ class FitLoop:
         hooks = engine.hooks
         engine._active_collector = self.collector
         if not resume_after_callbacks:
+            callback, log, pbar = self.collector.step_metrics()  # the last step's values, published once
+            engine._callback_metrics.update(callback)
+            engine._logged_metrics.update(log)
+            engine._progress_bar_metrics.update(pbar)
             self.position = "epoch_end"
             # Epoch values of everything logged so far are reduced before the epoch-end hooks read them.
             self.collector.compute_epoch()

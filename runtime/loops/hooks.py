@@ -7,10 +7,10 @@ thousands of times and the loop's overhead budget is a few microseconds.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from runtime.callbacks.base import Callback
+from runtime.module import LightningModule
 
 if TYPE_CHECKING:
     from runtime.engine import Engine
@@ -21,10 +21,45 @@ def _overriding(callbacks: list[Callback], base_hook: Callable) -> list[Callback
     return [cb for cb in callbacks if getattr(type(cb), name) is not base_hook]
 
 
+def _module_overrides(module: LightningModule, base_hook: Callable) -> bool:
+    return getattr(type(module), base_hook.__name__) is not base_hook
+
+
+class _Scope:
+    """Context manager that points ``self.log`` at the active collector with ``fx``'s rules.
+
+    A small class rather than ``@contextmanager``: it runs ~10 times per
+    training step. It writes the module's ``__dict__`` directly because
+    ``nn.Module.__setattr__`` type-checks every assignment.
+    """
+
+    __slots__ = ("runner", "fx", "saved")
+
+    def __init__(self, runner: "HookRunner", fx: str):
+        self.runner = runner
+        self.fx = fx
+
+    def __enter__(self) -> None:
+        state = self.runner._module_state
+        collector = self.runner.engine._active_collector
+        self.saved = (state["_collector"], state["_current_hook"], collector, collector.current_fx if collector else None)
+        if collector is not None:
+            collector.current_fx = self.fx
+        state["_collector"] = collector
+        state["_current_hook"] = self.fx
+
+    def __exit__(self, *exc: Any) -> None:
+        state = self.runner._module_state
+        state["_collector"], state["_current_hook"], collector, previous_fx = self.saved
+        if collector is not None:
+            collector.current_fx = previous_fx
+
+
 class HookRunner:
     def __init__(self, engine: "Engine"):
         self.engine = engine
-        self.module = engine.lightning_module
+        self.module = m = engine.lightning_module
+        self._module_state = vars(m)
         cbs = engine.callbacks
         self._train_batch_start = _overriding(cbs, Callback.on_train_batch_start)
         self._train_batch_end = _overriding(cbs, Callback.on_train_batch_end)
@@ -38,25 +73,24 @@ class HookRunner:
         self._test_batch_end = _overriding(cbs, Callback.on_test_batch_end)
         self._predict_batch_start = _overriding(cbs, Callback.on_predict_batch_start)
         self._predict_batch_end = _overriding(cbs, Callback.on_predict_batch_end)
+        # Per-step hooks nobody overrides are not called at all (each call costs a scope and a dispatch).
+        self.any_train_batch_start = bool(self._train_batch_start) or _module_overrides(m, LightningModule.on_train_batch_start)
+        self.any_train_batch_end = bool(self._train_batch_end) or _module_overrides(m, LightningModule.on_train_batch_end)
+        self.any_before_backward = bool(self._before_backward) or _module_overrides(m, LightningModule.on_before_backward)
+        self.any_after_backward = bool(self._after_backward) or _module_overrides(m, LightningModule.on_after_backward)
+        self.any_before_optimizer_step = bool(self._before_optimizer_step) or _module_overrides(
+            m, LightningModule.on_before_optimizer_step
+        )
+        self.any_before_zero_grad = bool(self._before_zero_grad) or _module_overrides(m, LightningModule.on_before_zero_grad)
+        self.custom_zero_grad = _module_overrides(m, LightningModule.optimizer_zero_grad)
+        self.custom_clipping = _module_overrides(m, LightningModule.configure_gradient_clipping) or _module_overrides(
+            m, LightningModule.clip_gradients
+        )
+        self.custom_backward = _module_overrides(m, LightningModule.backward)
 
-    @contextmanager
-    def scope(self, fx: str) -> Iterator[None]:
+    def scope(self, fx: str) -> _Scope:
         """Let ``self.log`` inside this hook write into the active collector, with ``fx``'s defaults."""
-        module = self.module
-        collector = self.engine._active_collector
-        previous_fx = collector.current_fx if collector is not None else None
-        previous, previous_hook = module._collector, module._current_hook
-        if collector is not None:
-            collector.current_fx = fx
-        module._collector = collector
-        module._current_hook = fx
-        try:
-            yield
-        finally:
-            module._collector = previous
-            module._current_hook = previous_hook
-            if collector is not None:
-                collector.current_fx = previous_fx
+        return _Scope(self, fx)
 
     # ------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -140,6 +174,8 @@ class HookRunner:
                     cb.on_train_epoch_end(e, m)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        if not self.any_train_batch_start:
+            return None
         e, m = self.engine, self.module
         with self.scope("on_train_batch_start"):
             for cb in self._train_batch_start:
@@ -147,6 +183,8 @@ class HookRunner:
             return m.on_train_batch_start(batch, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.any_train_batch_end:
+            return
         e, m = self.engine, self.module
         with self.scope("on_train_batch_end"):
             for cb in self._train_batch_end:
@@ -155,6 +193,8 @@ class HookRunner:
 
     # ------------------------------------------------------- optimization
     def on_before_backward(self, loss) -> None:
+        if not self.any_before_backward:
+            return
         e, m = self.engine, self.module
         with self.scope("on_before_backward"):
             for cb in self._before_backward:
@@ -162,6 +202,8 @@ class HookRunner:
             m.on_before_backward(loss)
 
     def on_after_backward(self) -> None:
+        if not self.any_after_backward:
+            return
         e, m = self.engine, self.module
         with self.scope("on_after_backward"):
             for cb in self._after_backward:
@@ -169,6 +211,8 @@ class HookRunner:
             m.on_after_backward()
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.any_before_optimizer_step:
+            return
         e, m = self.engine, self.module
         with self.scope("on_before_optimizer_step"):
             for cb in self._before_optimizer_step:
@@ -177,6 +221,8 @@ class HookRunner:
 
     def configure_gradient_clipping(self, optimizer) -> None:
         e, m = self.engine, self.module
+        if not self.custom_clipping and not e.gradient_clip_val:
+            return
         with self.scope("configure_gradient_clipping"):
             m.configure_gradient_clipping(
                 optimizer,
@@ -185,6 +231,8 @@ class HookRunner:
             )
 
     def on_before_zero_grad(self, optimizer) -> None:
+        if not self.any_before_zero_grad:
+            return
         e, m = self.engine, self.module
         with self.scope("on_before_zero_grad"):
             for cb in self._before_zero_grad:
@@ -192,6 +240,9 @@ class HookRunner:
             m.on_before_zero_grad(optimizer)
 
     def optimizer_zero_grad(self, batch_idx: int, optimizer) -> None:
+        if not self.custom_zero_grad:
+            optimizer.zero_grad()
+            return
         with self.scope("optimizer_zero_grad"):
             self.module.optimizer_zero_grad(self.engine.current_epoch, batch_idx, optimizer)
 

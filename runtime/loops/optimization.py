@@ -9,7 +9,8 @@ precision plugin unscales before ``on_before_optimizer_step`` and clipping.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -60,6 +61,13 @@ def _rank_note(engine: "Engine", batch_idx: int) -> str:
 
 def parse_automatic_output(output: Any, engine: "Engine", batch_idx: int) -> tuple[Tensor | None, dict[str, Any]]:
     """(loss, extra outputs) from training_step's return value in automatic optimization."""
+    if isinstance(output, Tensor):
+        if output.numel() != 1:
+            raise StepOutputError(
+                f"training_step returned a loss of shape {tuple(output.shape)} at {_rank_note(engine, batch_idx)}; "
+                "the loss must be a scalar: reduce it (e.g. loss.mean())"
+            )
+        return output, {}
     if output is None:
         return None, {}
     if isinstance(output, Mapping):
@@ -97,38 +105,12 @@ class AutomaticOptimization:
 
     def run(self, batch: Any, batch_idx: int, should_step: bool) -> dict[str, Any]:
         engine = self.engine
-        module = engine.lightning_module
-        result: dict[str, Any] = {}
-        optimizer = engine._optimizer_wrappers[0]
-        accumulate = engine.accumulate_grad_batches
-        zero_grad_now = batch_idx % accumulate == 0
-
-        def closure() -> Tensor | None:
-            output = engine._training_step(batch, batch_idx)
-            loss, extra = parse_automatic_output(output, engine, batch_idx)
-            result.clear()
-            if loss is not None:
-                engine._check_finite_loss(loss, batch_idx)
-                loss = loss / accumulate if accumulate > 1 else loss
-                result["loss"] = loss.detach()
-                result.update(extra)
-            # Zeroing happens even when the batch is skipped (training_step returned None), so the
-            # optimizer step that follows sees no stale gradients, as in Lightning.
-            if zero_grad_now:
-                engine._zero_grad(optimizer.optimizer, batch_idx)
-            if loss is not None:
-                engine._backward(loss, optimizer.optimizer)
-            return loss
-
+        closure = _Closure(engine, batch, batch_idx)
         if should_step:
-            ran = [False]
-
-            def tracked_closure() -> Tensor | None:
-                ran[0] = True
-                return closure()
-
-            module.optimizer_step(engine.current_epoch, batch_idx, optimizer, tracked_closure)
-            if not ran[0]:
+            engine.lightning_module.optimizer_step(
+                engine.current_epoch, batch_idx, engine._optimizer_wrappers[0], closure
+            )
+            if not closure.ran:
                 raise MisconfigurationError(
                     "optimizer_step() was overridden but did not call `optimizer.step(closure=optimizer_closure)`; "
                     "the closure runs training_step and backward, so it must be passed to step()"
@@ -136,7 +118,42 @@ class AutomaticOptimization:
         else:
             with engine.strategy.no_backward_sync(True):
                 closure()
-        return dict(result)
+        return closure.outputs
+
+
+class _Closure:
+    """training_step -> (zero_grad on a window's first batch) -> backward, run once by the optimizer step."""
+
+    __slots__ = ("engine", "batch", "batch_idx", "ran", "outputs")
+
+    def __init__(self, engine: "Engine", batch: Any, batch_idx: int):
+        self.engine = engine
+        self.batch = batch
+        self.batch_idx = batch_idx
+        self.ran = False
+        self.outputs: dict[str, Any] = {}
+
+    def __call__(self) -> Tensor | None:
+        self.ran = True
+        engine = self.engine
+        batch_idx = self.batch_idx
+        accumulate = engine.config.accumulate_grad_batches
+        output = engine._training_step(self.batch, batch_idx)
+        loss, extra = parse_automatic_output(output, engine, batch_idx)
+        if loss is not None:
+            engine._check_finite_loss(loss, batch_idx)
+            if accumulate > 1:
+                loss = loss / accumulate
+            self.outputs = {"loss": loss.detach(), **extra} if extra else {"loss": loss.detach()}
+        else:
+            self.outputs = {}
+        # Zeroing happens even when the batch is skipped (training_step returned None), so the
+        # optimizer step that follows sees no stale gradients, as in Lightning.
+        if batch_idx % accumulate == 0:
+            engine._zero_grad(engine.optimizers[0], batch_idx)
+        if loss is not None:
+            engine._backward(loss, engine.optimizers[0])
+        return loss
 
 
 class ManualOptimization:

@@ -1,0 +1,131 @@
+"""The actor on the driver's node that receives everything the workers send back.
+
+Rank 0's metric rows go to the run's loggers (TensorBoard, CSV) here, so
+their files land in the run directory on the driver's disk. Checkpoints
+arrive in bounded chunks and are committed atomically; restarted workers
+read the newest committed checkpoint back from here. Nothing needs a shared
+filesystem: the actor is pinned to the driver's node.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from typing import Any
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class DriverSink:
+    """Plain class; wrapped with ``ray.remote`` by the backend (kept importable without Ray running)."""
+
+    def __init__(self, run_dir: str, loggers: list[Any], resume_from: str | None, resume_step: int | None):
+        self.run_dir = run_dir
+        self.loggers = loggers
+        for logger in loggers:
+            if hasattr(logger, "attach"):
+                logger.attach(run_dir, resume_step=resume_step)
+        # Committed checkpoints still on disk, oldest first; restarts resume from the newest.
+        self._committed: list[str] = [resume_from] if resume_from else []
+        self._uploads: dict[str, tuple[str, Any]] = {}
+        self._progress: list[Any] = []
+        self._lock = threading.Lock()
+        self.status = "running"
+        self.attempts = 0
+
+    # ----------------------------------------------------------- metrics
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step)
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams(params)
+
+    def progress(self, update: Any) -> None:
+        with self._lock:
+            self._progress.append(update)
+
+    def take_progress(self) -> list[Any]:
+        """Progress updates since the last call (the driver's progress bar polls this)."""
+        with self._lock:
+            updates, self._progress = self._progress, []
+        return updates
+
+    def finalize(self, status: str) -> None:
+        self.status = status
+        for logger in self.loggers:
+            logger.finalize(status)
+
+    def begin_attempt(self) -> str | None:
+        """A worker group (re)starts: returns the checkpoint to resume from and trims logs past it."""
+        self.attempts += 1
+        latest = self.latest_checkpoint()
+        if self.attempts > 1 and latest is not None:
+            from runtime.checkpoint.io import load_checkpoint
+
+            step = int(load_checkpoint(latest).get("global_step", 0))
+            for logger in self.loggers:
+                if hasattr(logger, "attach"):
+                    logger.attach(self.run_dir, resume_step=step)
+        return latest
+
+    def latest_checkpoint(self) -> str | None:
+        return self._committed[-1] if self._committed else None
+
+    def attempt_count(self) -> int:
+        return self.attempts
+
+    # ------------------------------------------------------- checkpoints
+    def upload_begin(self, path: str) -> str:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        token = uuid.uuid4().hex
+        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.upload-{token[:8]}")
+        self._uploads[token] = (path, open(tmp, "wb"))
+        return token
+
+    def upload_chunk(self, token: str, data: bytes) -> None:
+        self._uploads[token][1].write(data)
+
+    def upload_commit(self, token: str, is_checkpoint: bool = True) -> str:
+        path, handle = self._uploads.pop(token)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(handle.name, path)
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if is_checkpoint:
+            if path in self._committed:
+                self._committed.remove(path)
+            self._committed.append(path)
+        return path
+
+    def upload_abort(self, token: str) -> None:
+        entry = self._uploads.pop(token, None)
+        if entry is not None:
+            entry[1].close()
+            try:
+                os.remove(entry[1].name)
+            except FileNotFoundError:
+                pass
+
+    def remove(self, path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        if path in self._committed:
+            self._committed.remove(path)
+
+    def file_size(self, path: str) -> int:
+        return os.path.getsize(path)
+
+    def read_chunk(self, path: str, offset: int, size: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
