@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from launcher.loggers import TensorBoardLogger
@@ -56,8 +57,21 @@ class Trainer:
         ``default_root_dir``), to resume exactly where it stopped.
         """
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
+        resume_step = int(checkpoint["global_step"]) if checkpoint is not None else None
+        if self.spec.num_workers > 0:
+            self._start(resume_step=None)  # the sink actor trims the loggers for the resumed run
+            try:
+                self._run_on_ray(
+                    "fit", model, path, checkpoint, train_dataloaders=train_dataloaders,
+                    val_dataloaders=val_dataloaders, datamodule=datamodule, resume_step=resume_step,
+                )
+            except BaseException as err:
+                self._finish(self._engine, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+                raise
+            self._finish(self._engine, "finished")
+            return
         engine = self._new_engine()
-        self._start(resume_step=int(checkpoint["global_step"]) if checkpoint is not None else None)
+        self._start(resume_step=resume_step)
         try:
             engine.fit(model, train_dataloaders, val_dataloaders, datamodule, checkpoint, path)
         except BaseException:
@@ -77,6 +91,10 @@ class Trainer:
         """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders)."""
         model = self._model_or_last(model, "predict")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
+        if self.spec.num_workers > 0:
+            self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
+            result = self._run_on_ray("predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)
+            return result["predictions"] if return_predictions else None
         engine = self._new_engine(keep_progress=True)
         self._start(resume_step=None, create=False)
         predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
@@ -201,13 +219,55 @@ class Trainer:
             return []
         return list(logger) if isinstance(logger, (list, tuple)) else [logger]
 
+    def _run_on_ray(self, stage: str, model, path, checkpoint, *, resume_step=None, **data) -> dict[str, Any]:
+        """Ship the job to Ray Train workers, then mirror what rank 0 sent back onto this Trainer and model."""
+        from launcher.ray.backend import RayRunSettings, run_job
+        from launcher.ray.job import Job
+
+        previous = self._engine
+        initial = (previous.current_epoch, previous.global_step) if previous is not None and stage != "fit" else None
+        job = Job(
+            stage=stage,
+            module=model,
+            config=self.spec.to_run_config(self.run_dir.path),
+            callbacks=self.callbacks,
+            logger_count=len(self.loggers),
+            initial_progress=initial,
+            **{k: v for k, v in data.items() if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule")},
+        )
+        settings = RayRunSettings(
+            num_workers=self.spec.num_workers,
+            use_gpu=self.spec.use_gpu,
+            resources_per_worker=self.spec.resources_per_worker,
+            placement_strategy=self.spec.placement_strategy,
+            address=self.spec.address,
+            max_failures=self.spec.max_failures,
+            run_name=self.run_dir.name,
+            run_dir=self.run_dir.path,
+        )
+        view = Engine(self.spec.to_run_config(self.run_dir.path), callbacks=self.callbacks, loggers=self.loggers)
+        view.lightning_module = model
+        self._engine = view
+        try:
+            result = run_job(job, settings, self.loggers, path, resume_step, self._progress.progress)
+        finally:
+            self._progress.finalize("finished")
+        model.load_state_dict(result["state_dict"])
+        for cb in self.callbacks:
+            state = result["callbacks"].get(cb.state_key)
+            if state:
+                cb.load_state_dict(state)
+        view.current_epoch, view.global_step = result["current_epoch"], result["global_step"]
+        view.should_stop = result["should_stop"]
+        view._callback_metrics = {k: torch.tensor(v) for k, v in result["callback_metrics"].items()}
+        view._logged_metrics = {k: torch.tensor(v) for k, v in result["logged_metrics"].items()}
+        view._progress_bar_metrics = dict(result["progress_bar_metrics"])
+        view.state.status = "finished"
+        self.attempts = result["attempts"]
+        return result
+
     def _new_engine(self, keep_progress: bool = False) -> Engine:
         previous = self._engine
-        if self.spec.num_workers > 0:
-            raise NotImplementedError(
-                f"Trainer(num_workers={self.spec.num_workers}) runs on Ray workers, which this build does not "
-                "include yet; use num_workers=0 to train in this process"
-            )
         sinks = [*self.loggers, self._progress]
         self._engine = Engine(
             self.spec.to_run_config(self.run_dir.path),
@@ -283,6 +343,15 @@ class Trainer:
     def _evaluate(self, model, dataloaders, ckpt_path, verbose, datamodule, testing: bool):
         model = self._model_or_last(model, "test" if testing else "validate")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
+        if self.spec.num_workers > 0:
+            self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
+            stage = "test" if testing else "validate"
+            results = self._run_on_ray(stage, model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)[
+                "results"
+            ]
+            if verbose:
+                _print_results(results, "Test" if testing else "Validate")
+            return results
         engine = self._new_engine(keep_progress=True)
         self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
         run = engine.test if testing else engine.validate

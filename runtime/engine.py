@@ -418,7 +418,7 @@ class Engine:
             self.hooks.teardown(stage)
             self.state.status = "finished"
             self.state.stage = None
-            self.metrics_sink.finalize("finished") if self.state.fn is TrainerFn.FITTING else None
+            self.metrics_sink.finalize("finished")
             return result
         except BaseException as exc:
             self.state.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

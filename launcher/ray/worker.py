@@ -6,6 +6,7 @@ import io
 import os
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -171,6 +172,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if job.initial_progress is not None:
         engine.current_epoch, engine.global_step = job.initial_progress
+    try:
+        _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
+    except Exception as err:
+        # Ray Train reports each rank's exception to the driver; carry the hook and the full traceback.
+        raise WorkerStepError(rank, err, traceback.format_exc()) from None
+
+
+class WorkerStepError(RuntimeError):
+    """A rank's exception, with its traceback as text (it crosses processes)."""
+
+    def __init__(self, rank: int, error: BaseException | str, tb: str):
+        self.rank = rank
+        self.error_type = error if isinstance(error, str) else type(error).__name__
+        self.tb = tb
+        super().__init__(f"{self.error_type} on rank {rank}:\n{tb.rstrip()}")
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.error_type, self.tb))
+
+
+def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path: str, rank: int) -> None:
     module = job.module
     result: dict[str, Any] = {}
     if job.stage == "fit":
@@ -200,6 +222,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(buffer.getvalue())
-        upload_file(actor, tmp, config["result_path"], is_checkpoint=False)
+        upload_file(actor, tmp, result_path, is_checkpoint=False)
     finally:
         os.remove(tmp)
