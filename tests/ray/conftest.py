@@ -45,25 +45,46 @@ def ray_cluster(tmp_path_factory):
         ray.shutdown()
     port = _free_port()
     temp_dir = str(tmp_path_factory.mktemp("ray-head"))
-    started = _ray(
-        "start",
-        "--head",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=4",
-        "--resources=" + json.dumps({"slot": 1}),
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    # --block keeps the head's processes in one session of ours, so teardown stops exactly them
+    # (never `ray stop`, which would also stop clusters other sessions on this machine started).
+    head = subprocess.Popen(
+        [
+            RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+            "--resources=" + json.dumps({"slot": 1}), "--include-dashboard=false", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}", "--block",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert started.returncode == 0, started.stderr
     address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while _ray("status", f"--address={address}", timeout=60).returncode != 0:
+        if head.poll() is not None or time.time() > deadline:
+            _stop_session(head)
+            raise RuntimeError(f"the Ray head did not start: {open(log.name).read()[-3000:]}")
+        time.sleep(1)
     try:
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        _ray("stop", "--force")
+        _stop_session(head)
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and everything in its session."""
+    for sig, wait in ((15, 30), (9, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture
@@ -110,12 +131,7 @@ def add_node(ray_cluster, tmp_path):
     procs: list[subprocess.Popen] = []
     yield start
     for proc in procs:
-        # `ray start --block` runs the node's processes in its session: end that session only.
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, 9)
+        _stop_session(proc)  # `ray start --block` keeps the node's processes in this session
     if ray.is_initialized():
         deadline = time.time() + 60
         while time.time() < deadline and any(n["NodeID"] in started and n["Alive"] for n in ray.nodes()):
