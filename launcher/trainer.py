@@ -8,6 +8,7 @@ creates the run directory, and runs the worker-side engine. With
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -57,7 +58,8 @@ class Trainer:
         ``default_root_dir``), to resume exactly where it stopped.
         """
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
-        resume_step = int(checkpoint["global_step"]) if checkpoint is not None else None
+        resume_step = _log_resume_step(checkpoint)
+        self._save_job(model, train_dataloaders, val_dataloaders, datamodule)
         if self.spec.num_workers > 0:
             self._start(resume_step=None)  # the sink actor trims the loggers for the resumed run
             try:
@@ -219,6 +221,33 @@ class Trainer:
             return []
         return list(logger) if isinstance(logger, (list, tuple)) else [logger]
 
+    def _save_job(self, model, train_dataloaders, val_dataloaders, datamodule) -> None:
+        """Keep the job in the run directory (signed), so `raylight resume` can finish the run if this driver dies."""
+        from launcher.job_file import write_job
+        from launcher.ray.job import Job
+
+        job = Job(
+            stage="fit",
+            module=model,
+            config=self.spec.to_run_config(self.run_dir.path),
+            callbacks=self.callbacks,
+            datamodule=datamodule,
+            train_dataloaders=train_dataloaders,
+            val_dataloaders=val_dataloaders,
+            logger_count=len(self.loggers),
+        )
+        os.makedirs(self.run_dir.path, exist_ok=True)
+        try:
+            write_job(self.run_dir.path, {"job": job, "loggers": self.loggers})
+        except Exception as err:  # noqa: BLE001 - in-process runs need not be picklable
+            if self.spec.num_workers > 0:
+                raise
+            warnings.warn(
+                f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes on, "
+                "but `raylight resume` will not be able to finish this run if the driver dies",
+                stacklevel=3,
+            )
+
     def _run_on_ray(self, stage: str, model, path, checkpoint, *, resume_step=None, **data) -> dict[str, Any]:
         """Ship the job to Ray Train workers, then mirror what rank 0 sent back onto this Trainer and model."""
         from launcher.ray.backend import RayRunSettings, run_job
@@ -359,6 +388,14 @@ class Trainer:
         if verbose:
             _print_results(results, "Test" if testing else "Validate")
         return results
+
+
+def _log_resume_step(checkpoint: dict[str, Any] | None) -> int | None:
+    """The logger step from which a resumed run rewrites rows (see FitLoop.state_dict)."""
+    if checkpoint is None:
+        return None
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    return int(fit_loop.get("log_resume_step", checkpoint.get("global_step", 0)))
 
 
 def _print_results(results: list[dict[str, float]], title: str) -> None:

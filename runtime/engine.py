@@ -826,6 +826,10 @@ class Engine:
         """Build the checkpoint on every rank; rank 0 commits it through the checkpoint sink."""
         checkpoint = self.dump_checkpoint(weights_only)
         if self.is_global_zero:
+            # Rows logged before the checkpoint reach disk before it does, so a resume neither loses nor repeats them.
+            flush = getattr(self.metrics_sink, "flush", None)
+            if flush is not None:
+                flush()
             self.checkpoint_sink.save(checkpoint, str(filepath))
         self.strategy.barrier()
 

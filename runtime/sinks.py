@@ -100,6 +100,13 @@ class FanOutMetricsSink:
         for sink in self.sinks:
             sink.finalize(status)
 
+    def flush(self) -> None:
+        """Write buffered rows to disk (before a checkpoint is committed)."""
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
+
 
 class LocalCheckpointSink:
     """Writes checkpoints to this machine's disk, atomically."""

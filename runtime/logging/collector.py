@@ -338,7 +338,7 @@ class MetricCollector:
 
     # ------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Epoch accumulators, so a mid-epoch resume reports the same epoch means."""
+        """Epoch accumulators (a mid-epoch resume reports the same epoch means) and the last step's values."""
         return {
             name: {
                 "base": e.base,
@@ -352,9 +352,10 @@ class MetricCollector:
                 "total": e.total,
                 "weight": e.weight,
                 "updates": e.updates,
+                # the step's value, so a resume from on_train_batch_end can still log that step's row
+                "step_value": e.step_value.detach().cpu() if e.step_value is not None and e.step_synced else None,
             }
             for name, e in self.entries.items()
-            if e.on_epoch
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,6 +375,7 @@ class MetricCollector:
                 total=s["total"],
                 weight=s["weight"],
                 updates=s["updates"],
+                step_value=s.get("step_value"),
             )
             for name, s in state.items()
         }

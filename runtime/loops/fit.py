@@ -53,6 +53,9 @@ class FitLoop:
             "global_step": self.engine.global_step,
             "epoch_start_rng": self.epoch_start_rng if self.epoch_start_rng is not None else {},
             "train_metrics": self.collector.state_dict(),
+            # Logger rows at or after this step were not yet written when the checkpoint was taken; a resumed
+            # run drops any such rows a dead driver left behind and writes them again.
+            "log_resume_step": self.batches_that_stepped + (1 if self.position == "after_val" else 0),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

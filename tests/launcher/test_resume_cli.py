@@ -1,0 +1,134 @@
+"""`raylight resume <run dir>`: finish a run whose driver was SIGKILLed; refuse tampered jobs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from launcher import CSVLogger, Trainer
+    from runtime import LightningModule, ModelCheckpoint, seed_everything
+
+    class Slow(LightningModule):
+        def __init__(self, delay: float = 0.0):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(self.hparams.delay)
+            loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    root, name, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    seed_everything(5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+    trainer = Trainer(
+        max_epochs=3, default_root_dir=root, run_name=name, log_every_n_steps=1, enable_progress_bar=False,
+        logger=CSVLogger(),
+        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1, save_last=True)],
+    )
+    model = Slow(delay)
+    trainer.fit(model, data)
+    torch.save(model.state_dict(), f"{root}/{name}/final.pt")
+    """
+)
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = dict(os.environ, RAYLIGHT_KEY_FILE=str(tmp_path / "key" / "job.key"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _resume(run_dir, env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "resume", str(run_dir)], capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.timeout(600)
+def test_driver_killed_mid_run_is_finished_by_raylight_resume(tmp_path, env):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    reference = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "reference", "0"], capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "killed", "0.15"], env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoints" / "epoch=0-step=4.ckpt").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "epoch=0-step=4.ckpt").exists(), "the driver died before any checkpoint"
+    assert not (run / "final.pt").exists()
+    assert '"status": "running"' in (run / "status.json").read_text()
+
+    resumed = _resume(run, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finished at epoch 3, step 18" in resumed.stdout
+
+    expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 18
+    for key, value in expected.items():
+        assert torch.equal(last["state_dict"][key], value), key
+    assert '"status": "finished"' in (run / "status.json").read_text()
+
+    with open(run / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
+    assert steps == list(range(18)), "every step is logged exactly once across the kill and the resume"
+
+
+def test_resume_refuses_a_tampered_job_without_running_it(tmp_path, env):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "run", "0"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "run" / "job.pkl").write_bytes(pickle.dumps({"job": Payload()}))
+    refused = _resume(tmp_path / "run", env)
+    assert refused.returncode == 2
+    assert "does not match its signature" in refused.stderr and "refusing to unpickle" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, "errors are one clear line"
+    assert not marker.exists(), "the tampered pickle must never be loaded"
+
+    (tmp_path / "run" / "job.pkl.sig").unlink()
+    assert "unsigned" in _resume(tmp_path / "run", env).stderr
+    assert not marker.exists()
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, env):
+    result = _resume(tmp_path / "nothing-here", env)
+    assert result.returncode == 2 and "is not a run directory" in result.stderr
