@@ -224,7 +224,7 @@ class Trainer:
     def _save_job(self, model, train_dataloaders, val_dataloaders, datamodule) -> None:
         """Keep the job in the run directory (signed), so `raylight resume` can finish the run if this driver dies."""
         from launcher.job_file import write_job
-        from launcher.ray.job import Job
+        from launcher.ray.job import Job, prepare_job, unpicklable_job_error
 
         job = Job(
             stage="fit",
@@ -237,11 +237,12 @@ class Trainer:
             logger_count=len(self.loggers),
         )
         os.makedirs(self.run_dir.path, exist_ok=True)
+        prepare_job(job)  # the driver's seed; the user's own modules pickled by value
         try:
             write_job(self.run_dir.path, {"job": job, "loggers": self.loggers})
         except Exception as err:  # noqa: BLE001 - in-process runs need not be picklable
             if self.spec.num_workers > 0:
-                raise
+                raise unpicklable_job_error(job, err) from err
             warnings.warn(
                 f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes on, "
                 "but `raylight resume` will not be able to finish this run if the driver dies",

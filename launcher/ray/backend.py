@@ -8,10 +8,11 @@ worker failures into one readable exception.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
+import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,6 +72,24 @@ def ensure_ray(address: str | None) -> None:
         ) from err
 
 
+_FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+), in ')
+
+
+def _with_driver_source(tb: str) -> str:
+    """Fill in source lines a remote worker could not read (the user's files live on the driver)."""
+    lines = tb.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME.match(line)
+        has_source = i + 1 < len(lines) and lines[i + 1].startswith("    ") and not _FRAME.match(lines[i + 1])
+        if match and not has_source:
+            source = linecache.getline(match["path"], int(match["line"])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out)
+
+
 def _worker_error(err: Exception) -> WorkerError:
     failures = getattr(err, "worker_failures", None)
     if not failures:
@@ -78,8 +97,11 @@ def _worker_error(err: Exception) -> WorkerError:
     by_message: dict[str, list[int]] = {}
     for rank, failure in sorted(failures.items()):
         # Identical tracebacks from several ranks are shown once: "[Rank 0, 1]: ...".
+        error_type = getattr(failure, "error_type", type(failure).__name__)
+        message = getattr(failure, "message", None)
+        headline = f"{error_type}: {message.splitlines()[0]}" if message else error_type
         text = getattr(failure, "tb", None) or str(failure)
-        by_message.setdefault(f"{getattr(failure, 'error_type', type(failure).__name__)}\n{text}".strip(), []).append(rank)
+        by_message.setdefault(f"{headline}\n{_with_driver_source(text)}".strip(), []).append(rank)
     parts = []
     for message, ranks in by_message.items():
         label = ", ".join(str(r) for r in ranks)
@@ -96,9 +118,15 @@ def run_job(
     resume_from: str | None,
     resume_step: int | None,
     on_progress: Callable[[Any], None],
+    payload: bytes | None = None,
 ) -> dict[str, Any]:
-    """Run ``job`` on Ray Train workers; returns what rank 0 sent back (weights, metrics, results)."""
-    payload = serialize_job(job)  # fails here, before anything is scheduled, if the job cannot travel
+    """Run ``job`` on Ray Train workers; returns what rank 0 sent back (weights, metrics, results).
+
+    ``payload``: ``serialize_job(job)`` when the caller already made it (to keep it in the run directory),
+    so the job is pickled once.
+    """
+    if payload is None:
+        payload = serialize_job(job)  # fails here, before anything is scheduled, if the job cannot travel
     ensure_ray(settings.address)
     import ray
     import ray.train

@@ -43,6 +43,12 @@ class DriverSink:
         for logger in self.loggers:
             logger.log_hyperparams(params)
 
+    def flush(self) -> None:
+        for logger in self.loggers:
+            flush = getattr(logger, "flush", None)
+            if flush is not None:
+                flush()
+
     def progress(self, update: Any) -> None:
         with self._lock:
             self._progress.append(update)
@@ -58,14 +64,24 @@ class DriverSink:
         for logger in self.loggers:
             logger.finalize(status)
 
-    def begin_attempt(self) -> str | None:
-        """A worker group (re)starts: returns the checkpoint to resume from and trims logs past it."""
-        self.attempts += 1
-        latest = self.latest_checkpoint()
-        if self.attempts > 1 and latest is not None:
-            from runtime.checkpoint.io import load_checkpoint
+    def begin_attempt(self, rank: int) -> str | None:
+        """A worker of a (re)started group asks where to resume from; rank 0's call counts the attempt.
 
-            step = int(load_checkpoint(latest).get("global_step", 0))
+        On a restart, log rows past the checkpoint (or all of them, with no checkpoint yet) are dropped:
+        the new attempt logs them again.
+        """
+        latest = self.latest_checkpoint()
+        if rank != 0:
+            return latest
+        self.attempts += 1
+        if self.attempts > 1:
+            step = 0
+            if latest is not None:
+                from runtime.checkpoint.io import load_checkpoint
+
+                checkpoint = load_checkpoint(latest)
+                fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+                step = int(fit_loop.get("log_resume_step", checkpoint.get("global_step", 0)))
             for logger in self.loggers:
                 if hasattr(logger, "attach"):
                     logger.attach(self.run_dir, resume_step=step)

@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 from runtime.config import RunConfig
+from runtime.seed import SEED_ENV, SEED_WORKERS_ENV, capture_rng_state
 
 LARGE_JOB_BYTES = 64 * 1024 * 1024
 
@@ -36,6 +37,25 @@ class Job:
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
     preemption_check_every_n_steps: int = 1
     initial_progress: tuple[int, int] | None = None  # (epoch, global_step) for validate/test after fit
+    # The driver's seeding at the moment fit/validate/test/predict was called. Every rank starts from it, as
+    # every rank of a Lightning DDP script does after the same seed_everything() and model construction.
+    seed_environment: dict[str, str] = field(default_factory=dict)
+    rng_state: dict[str, Any] | None = None
+
+
+def driver_seeding() -> tuple[dict[str, str], dict[str, Any]]:
+    """``PL_GLOBAL_SEED``/``PL_SEED_WORKERS`` and the CPU generators' state of this process, for the workers.
+
+    Ray workers do not inherit the driver's environment, so without this a
+    ``seed_everything()`` in the user's script would not reach them (the
+    distributed sampler's shuffle seed and dropout would differ from run to
+    run). CUDA generator states stay behind: a worker sees other devices;
+    the workers seed CUDA from ``PL_GLOBAL_SEED`` instead.
+    """
+    environment = {name: os.environ[name] for name in (SEED_ENV, SEED_WORKERS_ENV) if name in os.environ}
+    state = capture_rng_state()
+    state.pop("torch.cuda", None)
+    return environment, state
 
 
 class UnpicklableJobError(TypeError):
@@ -109,25 +129,39 @@ def find_unpicklable(obj: Any, path: str, seen: set[int] | None = None) -> tuple
     return path, error
 
 
-def serialize_job(job: Job) -> bytes:
-    """cloudpickle the job; fail with the attribute path of anything that cannot travel."""
+def prepare_job(job: Job) -> None:
+    """Stamp the driver's seeding on ``job`` and mark the user's own modules to be pickled by value.
+
+    Call before any cloudpickling of the job (``serialize_job`` does).
+    """
+    job.seed_environment, job.rng_state = driver_seeding()
     classes: set[type] = set()
     _classes_in(job, set(), classes)
     _register_user_modules(classes)
+
+
+def unpicklable_job_error(job: Job, err: Exception) -> UnpicklableJobError:
+    """The error to raise when pickling ``job`` failed with ``err``: names the attribute path that holds the culprit."""
+    for name in ("module", "datamodule", "callbacks", "train_dataloaders", "val_dataloaders", "dataloaders"):
+        found = find_unpicklable(getattr(job, name), "model" if name == "module" else name)
+        if found is not None:
+            where, cause = found
+            return UnpicklableJobError(
+                f"{where} cannot be sent to the Ray workers: {type(cause).__name__}: {cause}. Objects such as "
+                "locks, sockets, open files and database connections cannot be pickled; create them in "
+                "setup() or in the hook that uses them instead of in __init__"
+            )
+    return UnpicklableJobError(f"the job cannot be pickled for the Ray workers: {err}")
+
+
+def serialize_job(job: Job) -> bytes:
+    """cloudpickle the job with the driver's seeding; fail with the attribute path of anything that cannot travel."""
+    prepare_job(job)
     buffer = io.BytesIO()
     try:
         cloudpickle.dump(job, buffer)
-    except Exception as err:  # noqa: BLE001
-        for name in ("module", "datamodule", "callbacks", "train_dataloaders", "val_dataloaders", "dataloaders"):
-            found = find_unpicklable(getattr(job, name), "model" if name == "module" else name)
-            if found is not None:
-                where, cause = found
-                raise UnpicklableJobError(
-                    f"{where} cannot be sent to the Ray workers: {type(cause).__name__}: {cause}. Objects such as "
-                    "locks, sockets, open files and database connections cannot be pickled; create them in "
-                    "setup() or in the hook that uses them instead of in __init__"
-                ) from err
-        raise UnpicklableJobError(f"the job cannot be pickled for the Ray workers: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any pickling failure is reported with its attribute path
+        raise unpicklable_job_error(job, err) from err
     data = buffer.getvalue()
     if len(data) > LARGE_JOB_BYTES:
         warnings.warn(

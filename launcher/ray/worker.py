@@ -14,6 +14,7 @@ import torch
 
 from launcher.ray.driver_sink import CHUNK_BYTES
 from runtime.checkpoint.io import check_weights_only_safe, load_checkpoint
+from runtime.seed import SEED_ENV, restore_rng_state
 from runtime.engine import Engine
 from runtime.sinks import Progress
 from runtime.strategy import Strategy
@@ -43,6 +44,11 @@ class RemoteMetricsSink:
         if now - self._last_progress >= 1.0 / PROGRESS_PER_SECOND or last_of_pass:
             self._last_progress = now
             self.actor.progress.remote(update)
+
+    def flush(self) -> None:
+        # No wait: the sink actor runs this caller's calls in order, so the loggers flush before the
+        # checkpoint that follows is committed.
+        self.actor.flush.remote()
 
     def finalize(self, status: str) -> None:
         import ray
@@ -142,13 +148,22 @@ def _preemption_probe(every_n_steps: int):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker entry point."""
-    import ray
     import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        _run_worker(config, rank)
+    except Exception as err:
+        # Ray Train reports each rank's exception to the driver; carry the hook and the full traceback.
+        raise WorkerStepError(rank, type(err).__name__, _traceback_text(err), str(err)) from None
+
+
+def _run_worker(config: dict[str, Any], rank: int) -> None:
+    import ray
 
     actor = config["sink"]
     job = cloudpickle.loads(ray.get(config["job"]))
-    rank = ray.train.get_context().get_world_rank()
-    resume_from = ray.get(actor.begin_attempt.remote())
+    resume_from = ray.get(actor.begin_attempt.remote(rank))
 
     checkpoint = None
     if resume_from is not None:
@@ -160,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         finally:
             os.remove(tmp)
 
+    _seed_like_the_driver(job)
     strategy = Strategy(job.config.accelerator)
     engine = Engine(
         job.config,
@@ -172,24 +188,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if job.initial_progress is not None:
         engine.current_epoch, engine.global_step = job.initial_progress
-    try:
-        _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
-    except Exception as err:
-        # Ray Train reports each rank's exception to the driver; carry the hook and the full traceback.
-        raise WorkerStepError(rank, err, traceback.format_exc()) from None
+    _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
+
+
+def _seed_like_the_driver(job) -> None:
+    """Every rank continues from the driver's generators (a restart then resumes from the checkpoint's)."""
+    os.environ.update(job.seed_environment)
+    if job.rng_state is not None:
+        restore_rng_state(job.rng_state)
+    if SEED_ENV in job.seed_environment and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(int(job.seed_environment[SEED_ENV]))  # lazy: does not initialise CUDA
+
+
+# cloudpickle names the file of code it pickled by value (the user's script, their project) like this.
+_BY_VALUE_FILENAME = "<dynamic-code>"
+
+
+def _traceback_text(err: BaseException) -> str:
+    """``err``'s traceback, with frames of code pickled by value pointing at its source file on the driver."""
+    summary = traceback.TracebackException(type(err), err, err.__traceback__, lookup_lines=False)
+    pending, seen = [(summary, err)], set()
+    while pending:
+        te, exc = pending.pop()
+        if te is None or exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+        for i, (entry, frame) in enumerate(zip(te.stack, frames)):
+            source = frame.f_globals.get("__file__") if entry.filename == _BY_VALUE_FILENAME else None
+            if source:
+                te.stack[i] = traceback.FrameSummary(source, entry.lineno, entry.name)
+        pending += [(te.__cause__, exc.__cause__), (te.__context__, exc.__context__)]
+    return "".join(summary.format())
 
 
 class WorkerStepError(RuntimeError):
     """A rank's exception, with its traceback as text (it crosses processes)."""
 
-    def __init__(self, rank: int, error: BaseException | str, tb: str):
+    def __init__(self, rank: int, error_type: str, tb: str, message: str = ""):
         self.rank = rank
-        self.error_type = error if isinstance(error, str) else type(error).__name__
+        self.error_type = error_type
         self.tb = tb
-        super().__init__(f"{self.error_type} on rank {rank}:\n{tb.rstrip()}")
+        self.message = message
+        super().__init__(f"{error_type} on rank {rank}:\n{tb.rstrip()}")
 
     def __reduce__(self):
-        return (type(self), (self.rank, self.error_type, self.tb))
+        return (type(self), (self.rank, self.error_type, self.tb, self.message))
 
 
 def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path: str, rank: int) -> None:

@@ -75,7 +75,7 @@ def ray_cluster(tmp_path_factory):
 
 def _stop_session(proc: subprocess.Popen) -> None:
     """Stop a process started with start_new_session=True and everything in its session."""
-    for sig, wait in ((15, 30), (9, 10)):
+    for sig, wait in ((15, 5), (9, 10)):  # `ray start --block` may ignore SIGTERM for long: do not wait 30 s
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
