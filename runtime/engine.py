@@ -708,15 +708,11 @@ class Engine:
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Any, **kwargs: Any) -> Any:
         plugin = self.precision_plugin
-        if plugin.scaler is not None and closure is not None:
-            result = closure()
-            # A skipped batch (training_step returned None) has no scaled gradients to step with.
-            if result is not None or not self.lightning_module.automatic_optimization:
-                plugin.optimizer_step(optimizer, None, lambda: self._after_closure(optimizer), **kwargs)
-        else:
-            result = closure() if closure is not None else None
-            self._after_closure(optimizer)
-            optimizer.step(**kwargs)
+        result = closure() if closure is not None else None
+        # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
+        skipped = plugin.scaler is not None and closure is not None and result is None
+        if not (skipped and self.lightning_module.automatic_optimization):
+            plugin.optimizer_step(optimizer, lambda: self._after_closure(optimizer), **kwargs)
         self.global_step += 1
         return result
 

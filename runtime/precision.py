@@ -59,28 +59,19 @@ class Precision:
     def scale_loss(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any] | None,
-        after_closure: Callable[[], None],
-        **kwargs: Any,
-    ) -> Any:
-        """Run the closure (forward + backward), unscale, call ``after_closure`` (hooks, clipping), step.
+    def optimizer_step(self, optimizer: Optimizer, after_closure: Callable[[], None], **kwargs: Any) -> None:
+        """Step after the closure has run: unscale, call ``after_closure`` (hooks, clipping), step.
 
-        Returns the closure's result. With a GradScaler the step is skipped
-        when gradients are not finite, and the scale is updated.
+        With a GradScaler the step is skipped when gradients are not finite, and the scale is updated.
         """
-        result = closure() if closure is not None else None
         if self.scaler is None:
             after_closure()
             optimizer.step(**kwargs)
-            return result
+            return
         self.scaler.unscale_(optimizer)
         after_closure()
         self.scaler.step(optimizer, **kwargs)
         self.scaler.update()
-        return result
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler is not None else {}

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from runtime.loops.data import PreparedLoader
-from runtime.sinks import Progress  # noqa: F401  (re-exported for type readers)
 from runtime.state import RunningStage
 
 if TYPE_CHECKING:
