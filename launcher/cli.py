@@ -48,6 +48,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    import cloudpickle
+
     from launcher.job_file import JobFileError, read_job
     from launcher.spec import SpecError, TrainerSpec
     from launcher.trainer import Trainer
@@ -64,7 +66,7 @@ def _resume(args: argparse.Namespace) -> int:
     except (JobFileError, SpecError) as err:
         print(f"raylight resume: {err}", file=sys.stderr)
         return 2
-    job = record["job"]
+    job = cloudpickle.loads(record["job"])  # the signature over the whole record was verified above
     kwargs = spec.model_dump(exclude={"callbacks", "logger"})
     kwargs.update(default_root_dir=os.path.dirname(run.path), run_name=run.name, devices="auto")
     if args.address is not None:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from argparse import Namespace
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.sinks import Progress
+if TYPE_CHECKING:
+    from runtime.sinks import Progress
 
 __all__ = ["CSVLogger", "TensorBoardLogger"]
 
@@ -187,6 +189,80 @@ class _DirectoryLogger:
         return f"{type(self).__name__}({where!r})"
 
 
+class _EventFile:
+    """Scalars, text and hparams written with TensorBoard's own event-file writer.
+
+    TensorBoard's writer and protos need neither torch nor TensorFlow, so the
+    process that writes the driver's logs (on Ray, the sink actor) starts in a
+    fraction of the time ``torch.utils.tensorboard`` would take.
+    """
+
+    def __init__(self, log_dir: str, purge_step: int | None, max_queue: int = 10, flush_secs: int = 120,
+                 filename_suffix: str = ""):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._Event = Event
+        self._writer = EventFileWriter(log_dir, max_queue, flush_secs, filename_suffix)
+        if purge_step is not None:
+            # A START session log at step N tells TensorBoard to hide events of earlier files from step N on.
+            self._writer.add_event(Event(step=purge_step, wall_time=time.time(),
+                                         session_log=SessionLog(status=SessionLog.START)))
+
+    def add_summary(self, values: list[Any], step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._writer.add_event(self._Event(step=step, wall_time=time.time(), summary=Summary(value=values)))
+
+    def scalar(self, tag: str, value: float) -> Any:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        return Summary.Value(tag=tag, simple_value=value)
+
+    def text(self, tag: str, text: str) -> Any:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(dtype="DT_STRING", string_val=[text.encode()],
+                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        return Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor)
+
+    def hparams(self, flat: Mapping[str, bool | int | float | str]) -> list[Any]:
+        """The three summaries TensorBoard's HPARAMS tab reads: experiment, session start and end."""
+        from google.protobuf.struct_pb2 import Value
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        def summary(tag: str, **content: Any) -> Any:
+            data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **content)
+            plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
+            return Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))
+
+        values, infos = {}, []
+        for name, value in flat.items():
+            if isinstance(value, bool):
+                values[name], kind = Value(bool_value=value), api_pb2.DATA_TYPE_BOOL
+            elif isinstance(value, (int, float)):
+                values[name], kind = Value(number_value=value), api_pb2.DATA_TYPE_FLOAT64
+            else:
+                values[name], kind = Value(string_value=str(value)), api_pb2.DATA_TYPE_STRING
+            infos.append(api_pb2.HParamInfo(name=name, type=kind))
+        return [
+            summary(metadata.EXPERIMENT_TAG, experiment=api_pb2.Experiment(hparam_infos=infos)),
+            summary(metadata.SESSION_START_INFO_TAG, session_start_info=plugin_data_pb2.SessionStartInfo(hparams=values)),
+            summary(metadata.SESSION_END_INFO_TAG,
+                    session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)),
+        ]
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class TensorBoardLogger(_DirectoryLogger):
     """Writes metrics and hyperparameters as TensorBoard event files on the driver.
 
@@ -194,9 +270,15 @@ class TensorBoardLogger(_DirectoryLogger):
     ``EventAccumulator``. Scalars are tagged with the metric name (prefixed
     with ``prefix-`` when a prefix is given) at the logger step.
     Hyperparameters appear in TensorBoard's HPARAMS tab and as a text entry
-    ``hparams``. ``writer_kwargs`` (e.g. ``max_queue``, ``flush_secs``) go
-    to ``torch.utils.tensorboard.SummaryWriter``.
+    ``hparams``. ``writer_kwargs`` (``max_queue``, ``flush_secs``,
+    ``filename_suffix``) go to the event-file writer.
+
+    ``experiment`` is a ``torch.utils.tensorboard.SummaryWriter`` on the same
+    ``log_dir`` (opened on first use, as its own event file) for images,
+    histograms and anything else not covered here.
     """
+
+    _WRITER_KWARGS = ("max_queue", "flush_secs", "filename_suffix")
 
     def __init__(
         self,
@@ -207,67 +289,74 @@ class TensorBoardLogger(_DirectoryLogger):
         **writer_kwargs: Any,
     ):
         super().__init__(save_dir, name, version, prefix)
+        unknown = sorted(set(writer_kwargs) - set(self._WRITER_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"TensorBoardLogger got unknown writer arguments {unknown}; it accepts {list(self._WRITER_KWARGS)}"
+            )
         self._writer_kwargs = writer_kwargs
+        self._events: _EventFile | None = None
         self._writer: Any = None
+
+    def _event_file(self) -> _EventFile:
+        if self._events is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._events = _EventFile(self.log_dir, self._resume_step, **self._writer_kwargs)
+            # Purge once: a file reopened later (after finalize or unpickling)
+            # must not hide what this run has logged since.
+            self._resume_step = None
+        return self._events
 
     @property
     def experiment(self) -> Any:
-        """The underlying ``SummaryWriter`` (opened on first use), for anything not covered here."""
+        """A ``SummaryWriter`` on ``log_dir`` (opened on first use) for anything not covered here."""
         if self._writer is None:
-            # Imported lazily: torch.utils.tensorboard is slow to import and
-            # only the driver that actually logs needs it.
             from torch.utils.tensorboard import SummaryWriter
 
-            os.makedirs(self.log_dir, exist_ok=True)
-            self._writer = SummaryWriter(
-                log_dir=self.log_dir, purge_step=self._resume_step, **self._writer_kwargs
-            )
-            # Purge once: a writer reopened later (after finalize or unpickling)
-            # must not hide what this run has logged since.
-            self._resume_step = None
+            events = self._event_file()  # purges first, if this is a resumed run
+            events.flush()
+            self._writer = SummaryWriter(log_dir=self.log_dir, **self._writer_kwargs)
         return self._writer
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """One scalar per metric at ``step``, flushed so ``tensorboard`` sees it promptly."""
-        writer = self.experiment
-        for name, value in metrics.items():
-            writer.add_scalar(self._key(name), float(value), global_step=step)
+        events = self._event_file()
+        events.add_summary([events.scalar(self._key(name), float(value)) for name, value in metrics.items()], step)
         # flush() writes buffered events to the OS; it does not fsync, so this is cheap.
-        writer.flush()
+        events.flush()
 
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace) -> None:
         """Hyperparameters for the HPARAMS tab (nested keys joined with "/") and a readable text table."""
-        from torch.utils.tensorboard.summary import hparams
-
         plain = _plain(_as_dict(params))
         flat = {
             k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v))
             for k, v in _flatten(plain).items()
         }
-        writer = self.experiment
-        for summary in hparams(flat, {}):
-            writer.file_writer.add_summary(summary)
+        events = self._event_file()
         rows = "\n".join(f"|{k}|{v}|" for k, v in flat.items())
-        writer.add_text("hparams", f"|name|value|\n|-|-|\n{rows}")
-        writer.flush()
+        events.add_summary(events.hparams(flat), step=0)
+        events.add_summary([events.text("hparams", f"|name|value|\n|-|-|\n{rows}")], step=0)
+        events.flush()
 
     def flush(self) -> None:
         """Write buffered events to disk."""
-        if self._writer is not None:
-            self._writer.flush()
+        for writer in (self._events, self._writer):
+            if writer is not None:
+                writer.flush()
 
     def finalize(self, status: str) -> None:
         """Flush and close the event file; a later write opens a new one."""
         self._close()
 
     def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for writer in (self._events, self._writer):
+            if writer is not None:
+                writer.close()
+        self._events = self._writer = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_writer"] = None  # an open event file cannot travel; it reopens on the next write
+        state["_events"] = state["_writer"] = None  # open files cannot travel; they reopen on the next write
         return state
 
 

@@ -132,6 +132,13 @@ class TrainerSpec(BaseModel):
       Ray Train's scaling config.
     - ``address``: the Ray cluster to join; None starts or joins a local Ray.
     - ``max_failures``: worker-group restarts before the run fails (-1 = forever).
+    - ``collective_timeout_s``: how long a rank waits in a collective (a
+      gradient all-reduce, a ``sync_dist`` gather) for the others before the
+      attempt fails (and restarts if ``max_failures`` allows); a rank stuck
+      inside a step is caught by this. torch's default, 30 minutes.
+    - ``resource_wait_s``: how long the driver waits for the cluster to have
+      room for every worker (an autoscaler may be adding nodes) before it
+      fails with a resource error instead of waiting forever.
     - ``run_name``: the run directory's name under ``default_root_dir``; None
       lets the Trainer pick one with :func:`new_run_name`.
 
@@ -197,6 +204,8 @@ class TrainerSpec(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     address: str | None = None
     max_failures: int = 0
+    collective_timeout_s: float = 1800.0
+    resource_wait_s: float = 60.0
     run_name: str | None = None
     # --- Lightning aliases for the scaling arguments
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
@@ -301,6 +310,13 @@ class TrainerSpec(BaseModel):
         if bad:
             raise _invalid(f"{allowed}; invalid entries: {', '.join(bad)}")
         return {k: float(v) for k, v in value.items()}
+
+    @field_validator("collective_timeout_s", "resource_wait_s", mode="before")
+    @classmethod
+    def _check_seconds(cls, value: Any) -> Any:
+        if _is_number(value) and 0 < value < float("inf"):
+            return float(value)
+        raise _invalid("expected a positive number of seconds")
 
     @field_validator("address", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ import os
 import warnings
 from typing import Any
 
+import cloudpickle
 import torch
 from torch import Tensor
 
@@ -59,13 +60,13 @@ class Trainer:
         """
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
         resume_step = _log_resume_step(checkpoint)
-        self._save_job(model, train_dataloaders, val_dataloaders, datamodule)
+        payload = self._save_job(model, train_dataloaders, val_dataloaders, datamodule)
         if self.spec.num_workers > 0:
             self._start(resume_step=None)  # the sink actor trims the loggers for the resumed run
             try:
                 self._run_on_ray(
                     "fit", model, path, checkpoint, train_dataloaders=train_dataloaders,
-                    val_dataloaders=val_dataloaders, datamodule=datamodule, resume_step=resume_step,
+                    val_dataloaders=val_dataloaders, datamodule=datamodule, resume_step=resume_step, payload=payload,
                 )
             except BaseException as err:
                 self._finish(self._engine, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
@@ -221,10 +222,13 @@ class Trainer:
             return []
         return list(logger) if isinstance(logger, (list, tuple)) else [logger]
 
-    def _save_job(self, model, train_dataloaders, val_dataloaders, datamodule) -> None:
-        """Keep the job in the run directory (signed), so `raylight resume` can finish the run if this driver dies."""
+    def _save_job(self, model, train_dataloaders, val_dataloaders, datamodule) -> bytes | None:
+        """Keep the job in the run directory (signed), so `raylight resume` can finish the run if this driver dies.
+
+        Returns the serialised job, which a Ray run ships to its workers as is (the job is pickled once).
+        """
         from launcher.job_file import write_job
-        from launcher.ray.job import Job, prepare_job, unpicklable_job_error
+        from launcher.ray.job import Job, prepare_job, serialize_job
 
         job = Job(
             stage="fit",
@@ -237,19 +241,25 @@ class Trainer:
             logger_count=len(self.loggers),
         )
         os.makedirs(self.run_dir.path, exist_ok=True)
-        prepare_job(job)  # the driver's seed; the user's own modules pickled by value
-        try:
-            write_job(self.run_dir.path, {"job": job, "loggers": self.loggers})
-        except Exception as err:  # noqa: BLE001 - in-process runs need not be picklable
-            if self.spec.num_workers > 0:
-                raise unpicklable_job_error(job, err) from err
-            warnings.warn(
-                f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes on, "
-                "but `raylight resume` will not be able to finish this run if the driver dies",
-                stacklevel=3,
-            )
+        if self.spec.num_workers > 0:
+            payload = serialize_job(job)  # names the attribute that cannot travel, before anything is scheduled
+        else:
+            prepare_job(job)  # the driver's seed; the user's own modules pickled by value
+            try:
+                payload = cloudpickle.dumps(job)
+            except Exception as err:  # noqa: BLE001 - in-process runs need not be picklable
+                warnings.warn(
+                    f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes "
+                    "on, but `raylight resume` will not be able to finish this run if the driver dies",
+                    stacklevel=3,
+                )
+                return None
+        write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
+        return payload
 
-    def _run_on_ray(self, stage: str, model, path, checkpoint, *, resume_step=None, **data) -> dict[str, Any]:
+    def _run_on_ray(
+        self, stage: str, model, path, checkpoint, *, resume_step=None, payload: bytes | None = None, **data
+    ) -> dict[str, Any]:
         """Ship the job to Ray Train workers, then mirror what rank 0 sent back onto this Trainer and model."""
         from launcher.ray.backend import RayRunSettings, run_job
         from launcher.ray.job import Job
@@ -272,6 +282,8 @@ class Trainer:
             placement_strategy=self.spec.placement_strategy,
             address=self.spec.address,
             max_failures=self.spec.max_failures,
+            collective_timeout_s=self.spec.collective_timeout_s,
+            resource_wait_s=self.spec.resource_wait_s,
             run_name=self.run_dir.name,
             run_dir=self.run_dir.path,
         )
@@ -279,7 +291,7 @@ class Trainer:
         view.lightning_module = model
         self._engine = view
         try:
-            result = run_job(job, settings, self.loggers, path, resume_step, self._progress.progress)
+            result = run_job(job, settings, self.loggers, path, resume_step, self._progress.progress, payload=payload)
         finally:
             self._progress.finalize("finished")
         model.load_state_dict(result["state_dict"])

@@ -2,19 +2,43 @@
 
 This package never imports ``ray`` or ``launcher``: it runs alone, under a
 ``torch.distributed`` process group started by anyone, or in a Ray Train worker.
+
+The public names load on first use, so a process that only needs a light
+submodule (the driver's log writer on Ray reads ``runtime.sinks``) does not
+pay for importing torch.
 """
 
-from runtime.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from runtime.datamodule import LightningDataModule
-from runtime.module import LightningModule
-from runtime.seed import seed_everything
+from __future__ import annotations
 
-__all__ = [
-    "Callback",
-    "EarlyStopping",
-    "LearningRateMonitor",
-    "LightningDataModule",
-    "LightningModule",
-    "ModelCheckpoint",
-    "seed_everything",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Callback": "runtime.callbacks",
+    "EarlyStopping": "runtime.callbacks",
+    "LearningRateMonitor": "runtime.callbacks",
+    "ModelCheckpoint": "runtime.callbacks",
+    "LightningDataModule": "runtime.datamodule",
+    "LightningModule": "runtime.module",
+    "seed_everything": "runtime.seed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from runtime.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from runtime.datamodule import LightningDataModule
+    from runtime.module import LightningModule
+    from runtime.seed import seed_everything
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

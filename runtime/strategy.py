@@ -119,6 +119,14 @@ class Strategy:
         dist.broadcast_object_list(holder, src=src, device=self._comm_device())
         return holder[0]
 
+    def broadcast_tensor(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """``tensor`` as rank ``src`` has it, on every rank (a copy on the tensor's device)."""
+        if not self.is_distributed:
+            return tensor
+        local = tensor.to(self._comm_device()).clone()
+        dist.broadcast(local, src=src)
+        return local.to(tensor.device)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.is_distributed:
             return [obj]

@@ -12,7 +12,9 @@ import linecache
 import logging
 import os
 import re
+import signal
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +25,13 @@ from launcher.ray.driver_sink import DriverSink
 from launcher.ray.job import Job, serialize_job
 
 POLL_SECONDS = 0.2
+
+# Ray Train knobs, with defaults chosen for short runs on a laptop; a value set in the environment
+# wins. Ray Train's controller polls the worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# (2 s by default), which adds up to that much to the start and to the end of every run.
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# How long Ctrl-C waits for Ray Train to stop the workers before giving up on a clean stop.
+ABORT_SECONDS = 30.0
 
 
 class WorkerError(RuntimeError):
@@ -46,6 +55,8 @@ class RayRunSettings:
     max_failures: int
     run_name: str
     run_dir: str
+    collective_timeout_s: float = 1800.0
+    resource_wait_s: float = 60.0
 
 
 def ensure_ray(address: str | None) -> None:
@@ -129,20 +140,24 @@ def run_job(
         payload = serialize_job(job)  # fails here, before anything is scheduled, if the job cannot travel
     ensure_ray(settings.address)
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from launcher.ray.worker import train_loop_per_worker
-
+    # The sink actor's process starts while this one imports Ray Train.
     node_id = ray.get_runtime_context().get_node_id()
     sink = (
         ray.remote(DriverSink)
         .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         .remote(settings.run_dir, cloudpickle.loads(cloudpickle.dumps(loggers)), resume_from, resume_step)
     )
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.ray.worker import train_loop_per_worker
+
+    for name, value in RAY_TRAIN_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read when the controller starts; Ray passes it on to the workers
     result_path = os.path.join(settings.run_dir, f".result-{uuid.uuid4().hex[:8]}.pkl")
-    trainer = TorchTrainer(
+    trainer = _interruptible(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"job": ray.put(payload), "sink": sink, "result_path": result_path},
         scaling_config=ray.train.ScalingConfig(
@@ -151,38 +166,32 @@ def run_job(
             resources_per_worker=settings.resources_per_worker,
             placement_strategy=settings.placement_strategy,
         ),
+        torch_config=TorchConfig(timeout_s=max(1, round(settings.collective_timeout_s))),
         run_config=ray.train.RunConfig(
             name=f"{settings.run_name}-{job.stage}-{uuid.uuid4().hex[:6]}",
+            # Only Ray Train's controller writes here (a marker file), and it runs on the driver's node:
+            # the workers never report checkpoints to Ray, so other nodes never need this path.
             storage_path=os.path.join(settings.run_dir, ".ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         ),
     )
 
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as err:  # noqa: BLE001 - re-raised on the driver's main thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, name="raylight-ray-train", daemon=True)
-    thread.start()
     try:
-        while thread.is_alive():
-            thread.join(POLL_SECONDS)
-            for update in ray.get(sink.take_progress.remote()):
-                on_progress(update)
-        for update in ray.get(sink.take_progress.remote()):
-            on_progress(update)
-        attempts = ray.get(sink.attempt_count.remote())
-    finally:
-        ray.kill(sink, no_restart=True) if "error" in outcome else None
-    if "error" in outcome:
-        err = outcome["error"]
+        _wait_for_room(settings)
+    except BaseException:
+        ray.kill(sink, no_restart=True)
+        raise
+    progress = _ProgressPump(sink, on_progress)
+    try:
+        trainer.fit()  # on this thread, so that Ctrl-C reaches it (see _interruptible)
+    except BaseException as err:
+        progress.stop()
+        ray.kill(sink, no_restart=True)
         if isinstance(err, ray.train.TrainingFailedError):
             raise _worker_error(err) from None
-        raise err
+        raise
+    progress.stop()
+    attempts = ray.get(sink.attempt_count.remote())
     try:
         with open(result_path, "rb") as f:
             result = cloudpickle.load(f)
@@ -192,3 +201,122 @@ def run_job(
         ray.kill(sink, no_restart=True)
     result["attempts"] = attempts
     return result
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot place the requested workers (within ``resource_wait_s``)."""
+
+
+def _worker_shape(settings: RayRunSettings) -> dict[str, float]:
+    shape = dict(settings.resources_per_worker or {})
+    shape.setdefault("CPU", 1.0)
+    if settings.use_gpu:
+        shape.setdefault("GPU", 1.0)
+    return {k: v for k, v in shape.items() if v > 0}
+
+
+def _placeable(shape: dict[str, float], nodes: list[dict[str, float]], strategy: str) -> int:
+    """How many workers of ``shape`` the nodes' total resources could hold under the placement strategy."""
+    per_node = [min(int(node.get(k, 0.0) // v) for k, v in shape.items()) for node in nodes]
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n > 0)
+    if strategy == "STRICT_PACK":
+        return max(per_node, default=0)
+    return sum(per_node)
+
+
+def _wait_for_room(settings: RayRunSettings) -> None:
+    """Fail with a readable error, within ``resource_wait_s``, when the workers can never be placed.
+
+    Counts against the nodes' total resources (not what is free right now): a busy cluster frees up,
+    so only a cluster too small for the request fails, after the wait (an autoscaler may add nodes).
+    """
+    import ray
+
+    shape = _worker_shape(settings)
+    deadline = time.monotonic() + settings.resource_wait_s
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = _placeable(shape, nodes, settings.placement_strategy)
+        if fits >= settings.num_workers:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for key in shape:
+            totals[key] = totals.get(key, 0.0) + node.get(key, 0.0)
+    have = ", ".join(f"{k}={v:g}" for k, v in sorted(totals.items()))
+    raise ResourceError(
+        f"the Ray cluster cannot place num_workers={settings.num_workers} workers of {shape} each "
+        f"(placement_strategy={settings.placement_strategy!r}): its {len(nodes)} node(s) have {have} in all, "
+        f"room for {fits}. Waited {settings.resource_wait_s:g} s for more nodes (resource_wait_s). Lower "
+        "num_workers or resources_per_worker, or add nodes to the cluster"
+    )
+
+
+class _ProgressPump:
+    """Hands the workers' progress updates from the sink actor to the driver's progress bar, on a thread."""
+
+    def __init__(self, sink: Any, on_progress: Callable[[Any], None]):
+        self._sink = sink
+        self._on_progress = on_progress
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raylight-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        while True:
+            stopping = self._stopping.wait(POLL_SECONDS)
+            try:
+                updates = ray.get(self._sink.take_progress.remote())
+            except ray.exceptions.RayError:
+                return  # the sink is gone: the run ended
+            for update in updates:
+                self._on_progress(update)
+            if stopping:
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+
+def _interruptible(torch_trainer: type) -> type:
+    """``TorchTrainer`` whose Ctrl-C stops the run on the cluster and raises ``KeyboardInterrupt`` here.
+
+    Ray Train's own handler aborts the run and then exits the whole process; a library must leave that
+    to its caller. Ours asks the controller to abort (it tears the workers down), waits for that, puts
+    the previous handler back and raises ``KeyboardInterrupt``, so the Trainer records the run as
+    interrupted and the caller's ``except``/``finally`` blocks run.
+    """
+    import ray
+
+    class InterruptibleTorchTrainer(torch_trainer):
+        _previous_sigint: Any = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts the wait below
+                try:
+                    ray.get(controller.abort.remote(), timeout=ABORT_SECONDS)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # the controller exits as it aborts
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+            self._previous_sigint = previous
+
+        def fit(self):
+            try:
+                return super().fit()
+            finally:
+                if self._previous_sigint is not None:
+                    signal.signal(signal.SIGINT, self._previous_sigint)
+
+    return InterruptibleTorchTrainer

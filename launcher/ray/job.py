@@ -35,7 +35,8 @@ class Job:
     val_dataloaders: Any = None
     dataloaders: Any = None  # validate / test / predict
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
-    preemption_check_every_n_steps: int = 1
+    # Workers look for a preemption notice about this often (agreed across ranks as a step count).
+    preemption_check_seconds: float = 1.0
     initial_progress: tuple[int, int] | None = None  # (epoch, global_step) for validate/test after fit
     # The driver's seeding at the moment fit/validate/test/predict was called. Every rank starts from it, as
     # every rank of a Lightning DDP script does after the same seed_everything() and model construction.

@@ -424,3 +424,58 @@ def test_preempted_node_checkpoints_just_in_time_and_the_run_finishes_on_the_rem
     assert [s for s, _ in got] == [s for s, _ in rows]
     assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in rows]), atol=1e-6, rtol=0)
     assert trainer.attempts == 2  # the worker group ran twice
+
+
+class _KillsItsLoaderWorker(torch.utils.data.Dataset):
+    """The Probe's data, served by DataLoader worker processes; the first to fetch item ``kill_after`` dies (SIGKILL)."""
+
+    def __init__(self, shared: str, kill_after: int):
+        self.data = _loader().dataset
+        self.shared, self.kill_after = shared, kill_after
+        self.fetched = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.fetched += 1
+        if self.fetched == self.kill_after and torch.utils.data.get_worker_info() is not None:
+            try:  # exactly one loader worker of the whole run dies: the one that creates the marker
+                fd = os.open(os.path.join(self.shared, "loader-killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return self.data[index]
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.data[index]
+
+
+@pytest.mark.timeout(600)
+def test_killed_dataloader_worker_fails_the_attempt_and_the_run_resumes(ray_cluster, undisturbed, tmp_path):
+    weights, rows = undisturbed
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    seed_everything(0)
+    model = Probe(str(shared))
+    trainer = _trainer(
+        tmp_path, "loader-killed", ray_cluster, max_failures=1, logger=CSVLogger(),
+        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1, save_last=True)],
+    )
+    # Same samples and order as the undisturbed run (same shuffling generator draws), served by 2 loader workers.
+    loader = DataLoader(_KillsItsLoaderWorker(str(shared), kill_after=14), batch_size=2, shuffle=True, num_workers=2)
+    started = time.monotonic()
+    trainer.fit(model, loader)
+    elapsed = time.monotonic() - started
+
+    assert (shared / "loader-killed").exists(), "no DataLoader worker was killed"
+    steps = _steps_by_attempt(shared)
+    assert sorted(steps) == [1, 2], "the dead loader worker failed the first attempt and Ray Train restarted it"
+    assert trainer.attempts == 2
+    resumed_at = steps[2][0]
+    assert resumed_at > 0 and resumed_at % 2 == 0, f"resumed from a periodic checkpoint, not from scratch: {steps}"
+    assert steps[2] == list(range(resumed_at, TOTAL_STEPS))
+    assert trainer.global_step == TOTAL_STEPS
+    _assert_same_weights(model, weights)
+    got = _csv_rows(trainer.logger.metrics_file_path)
+    assert [s for s, _ in got] == [s for s, _ in rows], "each step logged once"
+    print(f"loader worker killed: run finished in {elapsed:.1f} s, resumed at step {resumed_at}")

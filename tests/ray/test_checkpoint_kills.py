@@ -1,0 +1,96 @@
+"""A worker killed at random points while it writes and streams checkpoints to the driver (20 trials).
+
+Each trial runs a Ray task on a fresh worker process that saves checkpoints in a
+loop through the same path a training worker uses (``RemoteCheckpointSink``:
+``torch.save`` to a local file, then 8 MiB chunks to the driver's sink actor,
+committed atomically), and SIGKILLs it after a random delay: inside
+``torch.save``, between chunks, or around the commit. After every kill, the
+checkpoint a restart would resume from, and every ``*.ckpt`` file in the
+driver's directory, must load completely and hold one consistent step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from launcher.ray.driver_sink import CHUNK_BYTES, DriverSink
+from runtime.checkpoint.io import load_checkpoint
+
+pytestmark = [pytest.mark.slow]
+
+TRIALS = 20
+ELEMENTS = (2 * CHUNK_BYTES + CHUNK_BYTES // 2) // 4  # float32s: each file streams in 3 chunks
+
+
+def _checkpoint(step: int) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((ELEMENTS,), float(step))}, "epoch": 0}
+
+
+def _stream_forever(sink, ckpt_dir: str, pid_file: str, first_step: int) -> None:
+    from launcher.ray.worker import RemoteCheckpointSink
+
+    remote = RemoteCheckpointSink(sink)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    step = first_step
+    while True:
+        checkpoint = _checkpoint(step)
+        remote.save(checkpoint, os.path.join(ckpt_dir, f"step={step}.ckpt"))
+        remote.save(checkpoint, os.path.join(ckpt_dir, "last.ckpt"))
+        step += 1
+
+
+def _assert_complete(path: str) -> int:
+    checkpoint = load_checkpoint(path)  # raises on a truncated or corrupt file
+    step = int(checkpoint["global_step"])
+    assert torch.equal(checkpoint["state_dict"]["w"], torch.full((ELEMENTS,), float(step))), path
+    return step
+
+
+@pytest.mark.timeout(900)
+def test_kills_while_streaming_checkpoints_never_leave_a_partial_one(ray_cluster, tmp_path):
+    import ray
+
+    from launcher.ray.backend import ensure_ray
+
+    ensure_ray(ray_cluster)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    sink = ray.remote(DriverSink).options(num_cpus=0).remote(str(tmp_path / "run"), [], None, None)
+    stream = ray.remote(num_cpus=1, max_retries=0)(_stream_forever)
+    rng = random.Random(0)
+    resumed_steps = []
+    try:
+        next_step = 1
+        for trial in range(TRIALS):
+            pid_file = tmp_path / f"pid-{trial}"
+            ref = stream.remote(sink, str(ckpt_dir), str(pid_file), next_step)
+            deadline = time.monotonic() + 120
+            while not pid_file.exists() or not pid_file.read_text():
+                assert time.monotonic() < deadline, "the streaming task never started"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            with pytest.raises(ray.exceptions.RayError):
+                ray.get(ref, timeout=120)
+
+            latest = ray.get(sink.latest_checkpoint.remote())
+            if latest is None:
+                assert not list(ckpt_dir.glob("*.ckpt")) if ckpt_dir.exists() else True
+                continue
+            step = _assert_complete(latest)  # what a restarted worker would download and resume from
+            resumed_steps.append(step)
+            for path in ckpt_dir.glob("*.ckpt"):
+                _assert_complete(str(path))
+            next_step = step + 1
+    finally:
+        ray.kill(sink, no_restart=True)
+    # The kills landed at different points: most trials committed something new, so the resume point moved on.
+    assert len(resumed_steps) >= TRIALS // 2, resumed_steps
+    assert resumed_steps == sorted(resumed_steps), resumed_steps
+    print(f"{TRIALS} kills; resume points: {resumed_steps}")
