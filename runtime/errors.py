@@ -13,3 +13,11 @@ class StepOutputError(TypeError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite and the run was asked to fail fast."""
+
+
+class WorldSizeChangedError(MisconfigurationError):
+    """A checkpoint saved mid-epoch is resumed on a different number of ranks."""
+
+
+class DistributedSkipError(RuntimeError):
+    """training_step returned None (skip this step) on a step that all-reduces gradients across ranks."""

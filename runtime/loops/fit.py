@@ -11,15 +11,24 @@ Resume: a checkpoint records the position (``"batch_end"``: saved from
 on_train_batch_end; ``"after_val"``: saved after validation in a batch tail;
 ``"epoch_end"``: saved from on_train_epoch_end) plus the RNG state at the
 epoch's start, so the same batches are replayed in the same order.
+
+The position is per rank (each rank skips its own shard's done batches), so
+it also records the world size and the per-rank batch count it was saved
+with. A checkpoint saved inside an epoch cannot be resumed on another world
+size: the rest of the epoch was sharded for the old one, and re-sharding it
+would repeat or drop samples, so that is refused. One saved after the
+epoch's last batch resumes anywhere: only the epoch's tail remains.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from runtime.errors import WorldSizeChangedError
 from runtime.logging.collector import MetricCollector
 from runtime.seed import capture_rng_state, restore_rng_state
 from runtime.state import RunningStage
@@ -51,6 +60,8 @@ class FitLoop:
             "total_batch_idx": self.total_batch_idx,
             "batches_that_stepped": self.batches_that_stepped,
             "global_step": self.engine.global_step,
+            "world_size": self.engine.world_size,
+            "epoch_batches": self.engine.num_training_batches,  # per rank; a float inf when unknown
             "epoch_start_rng": self.epoch_start_rng if self.epoch_start_rng is not None else {},
             "train_metrics": self.collector.state_dict(),
             # Logger rows at or after this step were not yet written when the checkpoint was taken; a resumed
@@ -59,12 +70,52 @@ class FitLoop:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_world_size(state)
         self._restored = state
         self.engine.current_epoch = int(state["epoch"])
         self.engine.global_step = int(state["global_step"])
         self.batches_that_stepped = int(state["batches_that_stepped"])
         self.total_batch_idx = int(state["total_batch_idx"])
         self.collector.load_state_dict(state.get("train_metrics", {}))
+
+    def _check_world_size(self, state: dict[str, Any]) -> None:
+        saved = state.get("world_size")  # absent in checkpoints from before it was recorded: trusted as before
+        now = self.engine.world_size
+        if saved is None or int(saved) == now or state["position"] == "epoch_end":
+            return
+        done, per_rank = int(state["batches_done"]), state.get("epoch_batches", math.inf)
+        if done == 0 or done >= per_rank:
+            return  # nothing of the epoch consumed yet, or all of it
+        source = getattr(self.engine, "_ckpt_source", "the checkpoint")
+        of_epoch = "" if per_rank == math.inf else f" of {per_rank}"
+        raise WorldSizeChangedError(
+            f"cannot resume from {source}: it was saved with world size {saved} at batch {done}{of_epoch} "
+            f"(per rank) of epoch {state['epoch']}, and this run has world size {now}. The rest of that epoch "
+            f"was split across {saved} ranks; splitting it across {now} would repeat or skip samples. Resume on "
+            f"{saved} workers (num_workers={saved}), or resume from a checkpoint saved at the end of an epoch"
+        )
+
+    def _resumes_on_other_world_size(self, restored: dict[str, Any]) -> bool:
+        saved = restored.get("world_size")
+        return saved is not None and int(saved) != self.engine.world_size and int(restored["batches_done"]) > 0
+
+    @contextmanager
+    def _saved_epoch_budget(self, restored: dict[str, Any]) -> Iterator[None]:
+        """The saved run's per-rank batch count, while the rest of its epoch runs on another world size.
+
+        _check_world_size let the checkpoint through, so that run had done all of the epoch's batches: only
+        the epoch's tail remains (logging, validation if due, epoch end), and it must see the epoch as that
+        run did (the last batch is the last one), not as this world size shards it.
+        """
+        engine = self.engine
+        budget = engine.num_training_batches
+        engine.num_training_batches = restored["epoch_batches"]
+        engine._compute_val_check_batch()
+        try:
+            yield
+        finally:
+            engine.num_training_batches = budget
+            engine._compute_val_check_batch()
 
     # ----------------------------------------------------------- helpers
     def should_accumulate(self, batch_idx: int, is_last: bool) -> bool:
@@ -118,7 +169,11 @@ class FitLoop:
             self._finish_epoch(resume_after_callbacks=True)
             restored = None
         while not self._done():
-            self._run_epoch(restored)
+            if restored is not None and self._resumes_on_other_world_size(restored):
+                with self._saved_epoch_budget(restored):
+                    self._run_epoch(restored)
+            else:
+                self._run_epoch(restored)
             restored = None
         hooks.on_train_end()
 

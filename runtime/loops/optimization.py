@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from runtime.errors import MisconfigurationError, NonFiniteLossError, StepOutputError
+from runtime.errors import DistributedSkipError, MisconfigurationError, NonFiniteLossError, StepOutputError
 
 if TYPE_CHECKING:
     from runtime.engine import Engine
@@ -99,13 +99,34 @@ def parse_automatic_output(output: Any, engine: "Engine", batch_idx: int) -> tup
     return loss, extra
 
 
+def refuse_distributed_skip(engine: "Engine", batch_idx: int) -> None:
+    """training_step returned None on a step that all-reduces gradients in a distributed run: stop here.
+
+    Lightning documents skipping a step by returning None as unsupported with several devices: this
+    rank would run no backward, so it would never join DDP's gradient all-reduce and the other ranks
+    would wait for it there. Raising on this rank costs nothing on the steps that do return a loss (no
+    collective is needed to agree on anything), and its peers do not hang either: on Ray, Ray Train
+    tears the worker group down when this rank fails; under a bare process group, gloo fails their
+    all-reduce as soon as this process is gone (NCCL after ``collective_timeout_s``).
+    """
+    raise DistributedSkipError(
+        f"training_step returned None on rank {engine.strategy.global_rank} at global_step {engine.global_step} "
+        f"(epoch {engine.current_epoch}, batch_idx {batch_idx}). Skipping a step by returning None is not "
+        "supported in a distributed run (as in Lightning): every rank must join the same gradient all-reduce, "
+        "so the run stops here instead of hanging. Return a loss on every rank; to ignore a batch, return "
+        "loss * 0"
+    )
+
+
 class AutomaticOptimization:
     def __init__(self, engine: "Engine"):
         self.engine = engine
 
     def run(self, batch: Any, batch_idx: int, should_step: bool) -> dict[str, Any]:
         engine = self.engine
-        closure = _Closure(engine, batch, batch_idx)
+        # Only a step that all-reduces gradients can hang on a rank that skipped it; accumulation batches
+        # run backward under no_sync, so a rank may skip one of those alone.
+        closure = _Closure(engine, batch, batch_idx, check_skips=should_step and engine.strategy.is_distributed)
         if should_step:
             engine.lightning_module.optimizer_step(
                 engine.current_epoch, batch_idx, engine._optimizer_wrappers[0], closure
@@ -124,12 +145,13 @@ class AutomaticOptimization:
 class _Closure:
     """training_step -> (zero_grad on a window's first batch) -> backward, run once by the optimizer step."""
 
-    __slots__ = ("engine", "batch", "batch_idx", "ran", "outputs")
+    __slots__ = ("engine", "batch", "batch_idx", "check_skips", "ran", "outputs")
 
-    def __init__(self, engine: "Engine", batch: Any, batch_idx: int):
+    def __init__(self, engine: "Engine", batch: Any, batch_idx: int, check_skips: bool = False):
         self.engine = engine
         self.batch = batch
         self.batch_idx = batch_idx
+        self.check_skips = check_skips
         self.ran = False
         self.outputs: dict[str, Any] = {}
 
@@ -140,6 +162,8 @@ class _Closure:
         accumulate = engine.config.accumulate_grad_batches
         output = engine._training_step(self.batch, batch_idx)
         loss, extra = parse_automatic_output(output, engine, batch_idx)
+        if self.check_skips and loss is None:
+            refuse_distributed_skip(engine, batch_idx)
         if loss is not None:
             engine._check_finite_loss(loss, batch_idx)
             if accumulate > 1:

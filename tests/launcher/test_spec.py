@@ -62,6 +62,24 @@ INVALID = [
     ({"deterministic": "yes"}, "deterministic", "'yes'", "boolean"),
     ({"default_root_dir": ""}, "default_root_dir", "''", "non-empty path"),
     ({"address": ""}, "address", "''", "Ray address"),
+    # Values that slip past a plain type check: bools where counts go, NaN and infinity, floats for counts.
+    ({"num_workers": 2.5}, "num_workers", "2.5", "int >= 0"),
+    ({"num_workers": True}, "num_workers", "True", "int >= 0"),
+    ({"max_failures": 1.5}, "max_failures", "1.5", "int >= -1"),
+    ({"max_failures": "forever"}, "max_failures", "'forever'", "-1 = restart forever"),
+    ({"check_val_every_n_epoch": -1}, "check_val_every_n_epoch", "-1", "int >= 1 or None"),
+    ({"log_every_n_steps": 1.5}, "log_every_n_steps", "1.5", "int >= 0"),
+    ({"accumulate_grad_batches": 2.0}, "accumulate_grad_batches", "2.0", "int >= 1"),
+    ({"accumulate_grad_batches": {0: 2}}, "accumulate_grad_batches", "{0: 2}", "int >= 1"),
+    ({"gradient_clip_val": float("inf")}, "gradient_clip_val", "inf", "finite number >= 0"),
+    ({"gradient_clip_val": float("nan")}, "gradient_clip_val", "nan", "finite number >= 0"),
+    ({"limit_train_batches": float("nan")}, "limit_train_batches", "nan", "[0.0, 1.0]"),
+    ({"val_check_interval": float("inf")}, "val_check_interval", "inf", "(0.0, 1.0]"),
+    ({"resources_per_worker": {"CPU": True}}, "resources_per_worker", "{'CPU': True}", "amount > 0"),
+    ({"resources_per_worker": [("CPU", 1)]}, "resources_per_worker", "[('CPU', 1)]", "dict of resource name"),
+    ({"placement_strategy": None}, "placement_strategy", "None", "'STRICT_SPREAD'"),
+    ({"precision": None}, "precision", "None", "'32-true'"),
+    ({"gradient_clip_algorithm": "NORM"}, "gradient_clip_algorithm", "'NORM'", "'norm' or 'value'"),
 ]
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from runtime import LightningModule, ModelCheckpoint, seed_everything
 from runtime.config import RunConfig
 from runtime.engine import Engine
+from runtime.errors import DistributedSkipError, StepOutputError, WorldSizeChangedError
 
 WORLD_SIZE = 2
 
@@ -65,13 +66,15 @@ def _start_method() -> str:
     return "forkserver"
 
 
-def spawn(fn: Callable[..., None], tmp_path: Path, *args: Any, pg_timeout_s: float = 60.0) -> None:
-    """Run ``fn(rank, *args)`` on two gloo ranks; raises ProcessRaisedException if a rank raised."""
+def spawn(
+    fn: Callable[..., None], tmp_path: Path, *args: Any, pg_timeout_s: float = 60.0, world_size: int = WORLD_SIZE
+) -> None:
+    """Run ``fn(rank, *args)`` on ``world_size`` gloo ranks; raises ProcessRaisedException if a rank raised."""
     init_file = Path(tmp_path) / f"pg-init-{uuid.uuid4().hex}"
     mp.start_processes(
         _rank_main,
-        args=(WORLD_SIZE, init_file.as_uri(), pg_timeout_s, fn, args),
-        nprocs=WORLD_SIZE,
+        args=(world_size, init_file.as_uri(), pg_timeout_s, fn, args),
+        nprocs=world_size,
         join=True,
         start_method=_start_method(),
     )
@@ -85,9 +88,9 @@ def save_result(out_dir: str | Path, name: str, rank: int, obj: Any) -> None:
     torch.save(obj, result_path(out_dir, name, rank))
 
 
-def load_results(out_dir: str | Path, name: str) -> list[Any]:
+def load_results(out_dir: str | Path, name: str, world_size: int = WORLD_SIZE) -> list[Any]:
     """Every rank's result for ``name``, indexed by rank."""
-    return [torch.load(result_path(out_dir, name, rank), weights_only=True) for rank in range(WORLD_SIZE)]
+    return [torch.load(result_path(out_dir, name, rank), weights_only=True) for rank in range(world_size)]
 
 
 def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -429,3 +432,100 @@ def failing_worker(rank: int, out_dir: str) -> None:
     loader = DataLoader(regression_data(48), batch_size=4, shuffle=False)
     engine.fit(FailingModule(FAIL_RANK, FAIL_BATCH), loader)
     save_result(out_dir, "failing-finished", rank, {"global_step": engine.global_step})
+
+
+# --------------------------------------------------------------------------- 7. resume on another world size
+WS_SAMPLES = 24  # divisible by 1, 2 and 3 ranks: no DistributedSampler padding on any of them
+WS_BATCH = 3  # 2 ranks: 4 batches per rank and epoch; 3 ranks: 3; 1 rank: 8
+WS_EPOCHS = 2
+WS_SEED = 7
+
+
+def world_size_fit(out_dir: str | Path, shuffle: bool, callbacks: list, ckpt: str | None = None):
+    """Fit an IndexRecordingModule; returns (engine, module). ``module.seen`` holds what this run trained on."""
+    seed_everything(WS_SEED, verbose=False)
+    module = IndexRecordingModule()
+    engine = Engine(quiet_config(out_dir, max_epochs=WS_EPOCHS, enable_checkpointing=True), callbacks=callbacks)
+    loader = DataLoader(indexed_data(WS_SAMPLES), batch_size=WS_BATCH, shuffle=shuffle)
+    engine.fit(module, loader, ckpt=ckpt)
+    return engine, module
+
+
+def world_size_save_worker(rank: int, out_dir: str, shuffle: bool) -> None:
+    """The uninterrupted run: a checkpoint after every step, and one at every epoch end."""
+    callbacks = [
+        ModelCheckpoint(dirpath=str(Path(out_dir) / "steps"), every_n_train_steps=1, save_top_k=-1),
+        ModelCheckpoint(dirpath=str(Path(out_dir) / "epochs"), every_n_epochs=1, save_top_k=-1),
+    ]
+    engine, module = world_size_fit(out_dir, shuffle, callbacks)
+    save_result(out_dir, "ws-save", rank, {"seen": module.seen, "batches": int(engine.num_training_batches)})
+
+
+def world_size_resume_worker(rank: int, out_dir: str, shuffle: bool, ckpts: dict[str, str]) -> None:
+    """Resume from each checkpoint in turn; record what was trained on after resuming, or the refusal."""
+    result = {}
+    for name, path in ckpts.items():
+        run_dir = Path(out_dir) / name
+        try:
+            engine, module = world_size_fit(run_dir, shuffle, [ModelCheckpoint(dirpath=str(run_dir))], ckpt=path)
+        except WorldSizeChangedError as exc:
+            # Every rank refuses at the same point, before any training: the next fit here starts cleanly.
+            result[name] = {"error": str(exc)}
+            continue
+        result[name] = {
+            "error": None,
+            "seen": module.seen,
+            "global_step": engine.global_step,
+            "current_epoch": engine.current_epoch,
+            "batches": int(engine.num_training_batches),
+            "weights": cpu_state(module),
+        }
+    save_result(out_dir, "ws-resume", rank, result)
+
+
+# --------------------------------------------------------------------------- 8. uneven training_step outputs
+SKIP_SAMPLES = 32  # 16 per rank, batch 4: 4 batches per rank and epoch
+SKIP_BATCH = 4
+SKIP_BATCH_IDX = 2  # the batch whose training_step misbehaves (epoch 0, so also its global_step)
+
+
+class SkippingModule(RegressionModule):
+    """training_step returns ``output`` instead of the loss at batch SKIP_BATCH_IDX on ``ranks``."""
+
+    def __init__(self, ranks: list[int], output: Any = None):
+        super().__init__()
+        self.ranks = ranks
+        self.output = output
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == SKIP_BATCH_IDX and self.global_rank in self.ranks:
+            return self.output
+        return loss
+
+
+def skip_fit(out_dir: str | Path, ranks: list[int], output: Any, batch_size: int) -> Engine:
+    torch.manual_seed(0)
+    engine = Engine(quiet_config(out_dir, max_epochs=1))
+    loader = DataLoader(regression_data(SKIP_SAMPLES), batch_size=batch_size, shuffle=False)
+    engine.fit(SkippingModule(ranks, output), loader)
+    return engine
+
+
+def skip_worker(rank: int, out_dir: str, ranks: list[int], output: Any) -> None:
+    """Records the error a rank raised (its peers are left waiting in a collective), then re-raises it.
+
+    The peers' all-reduce fails once the raising rank's process is gone (gloo), which ends the run as a
+    real one would end; the test reads each rank's record.
+    """
+    try:
+        engine = skip_fit(out_dir, ranks, output, SKIP_BATCH)
+    except (DistributedSkipError, StepOutputError) as exc:
+        save_result(out_dir, "skip", rank, {"error": type(exc).__name__, "message": str(exc)})
+        raise
+    save_result(
+        out_dir,
+        "skip",
+        rank,
+        {"error": None, "weights": cpu_state(engine.lightning_module), "global_step": engine.global_step},
+    )
