@@ -79,6 +79,13 @@ def _resume(args: argparse.Namespace) -> int:
     if checkpoint and not os.path.exists(checkpoint):
         checkpoint = None
     print(f"resuming {run.name} from {checkpoint or 'the start (no checkpoint was committed)'}", file=sys.stderr)
+    # Continue with the dead driver's seeding: PL_GLOBAL_SEED seeds the distributed sampler's shuffle on the
+    # workers, and its generators start a run that had committed no checkpoint exactly as it first started.
+    os.environ.update(job.seed_environment)
+    if job.rng_state is not None:
+        from runtime.seed import restore_rng_state
+
+        restore_rng_state(job.rng_state)
     trainer.fit(job.module, job.train_dataloaders, job.val_dataloaders, job.datamodule, ckpt_path=checkpoint)
     print(f"{run.name}: finished at epoch {trainer.current_epoch}, step {trainer.global_step}")
     return 0

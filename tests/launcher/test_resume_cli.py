@@ -38,12 +38,15 @@ SCRIPT = textwrap.dedent(
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
     root, name, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # 0: in the driver process; N: N Ray Train workers
+    address = sys.argv[5] if len(sys.argv) > 5 else None
     seed_everything(5)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 4, generator=g)
+    x = torch.randn(48 * max(1, workers), 4, generator=g)  # 6 steps per epoch on every rank
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
     trainer = Trainer(
         max_epochs=3, default_root_dir=root, run_name=name, log_every_n_steps=1, enable_progress_bar=False,
+        num_workers=workers, address=address,
         logger=CSVLogger(),
         callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1, save_last=True)],
     )
@@ -69,16 +72,21 @@ def _resume(run_dir, env) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(600)
 def test_driver_killed_mid_run_is_finished_by_raylight_resume(tmp_path, env):
+    check_driver_kill_and_resume(tmp_path, env, delay=0.15)
+
+
+def check_driver_kill_and_resume(tmp_path, env, delay: float, ray_args: tuple[str, ...] = ()) -> None:
+    """SIGKILL the driver after the step-4 checkpoint, finish with `raylight resume`, compare with a reference run."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     reference = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "reference", "0"], capture_output=True, text=True, env=env,
-        timeout=300,
+        [sys.executable, str(script), str(tmp_path), "reference", "0", *ray_args], capture_output=True, text=True,
+        env=env, timeout=300,
     )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "killed", "0.15"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "killed", str(delay), *ray_args], env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not (run / "checkpoints" / "epoch=0-step=4.ckpt").exists():
         time.sleep(0.1)
