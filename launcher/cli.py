@@ -51,6 +51,7 @@ def _resume(args: argparse.Namespace) -> int:
     import cloudpickle
 
     from launcher.job_file import JobFileError, read_job
+    from runtime.checkpoint.io import CheckpointError
     from launcher.spec import SpecError, TrainerSpec
     from launcher.trainer import Trainer
 
@@ -86,7 +87,11 @@ def _resume(args: argparse.Namespace) -> int:
         from runtime.seed import restore_rng_state
 
         restore_rng_state(job.rng_state)
-    trainer.fit(job.module, job.train_dataloaders, job.val_dataloaders, job.datamodule, ckpt_path=checkpoint)
+    try:
+        trainer.fit(job.module, job.train_dataloaders, job.val_dataloaders, job.datamodule, ckpt_path=checkpoint)
+    except CheckpointError as err:
+        print(f"raylight resume: {err}", file=sys.stderr)
+        return 2
     print(f"{run.name}: finished at epoch {trainer.current_epoch}, step {trainer.global_step}")
     return 0
 

@@ -112,18 +112,30 @@ def check_driver_kill_and_resume(tmp_path, env, delay: float, ray_args: tuple[st
     assert steps == list(range(18)), "every step is logged exactly once across the kill and the resume"
 
 
-def test_resume_refuses_a_tampered_job_without_running_it(tmp_path, env):
+def _finished_run(tmp_path, env) -> None:
+    """A short in-process run at ``tmp_path/run``."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path), "run", "0"], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    marker = tmp_path / "payload-ran"
+
+
+def _payload_writing(marker) -> type:
+    """A class whose unpickling runs ``open(marker, "w")``: a harmless stand-in for arbitrary code."""
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
+
+    return Payload
+
+
+def test_resume_refuses_a_tampered_job_without_running_it(tmp_path, env):
+    _finished_run(tmp_path, env)
+    marker = tmp_path / "payload-ran"
+    Payload = _payload_writing(marker)
 
     (tmp_path / "run" / "job.pkl").write_bytes(pickle.dumps({"job": Payload()}))
     refused = _resume(tmp_path / "run", env)
@@ -140,3 +152,19 @@ def test_resume_refuses_a_tampered_job_without_running_it(tmp_path, env):
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path, env):
     result = _resume(tmp_path / "nothing-here", env)
     assert result.returncode == 2 and "is not a run directory" in result.stderr
+
+
+def test_resume_refuses_a_checkpoint_carrying_a_pickle_payload_without_running_it(tmp_path, env):
+    _finished_run(tmp_path, env)
+    marker = tmp_path / "payload-ran"
+    Payload = _payload_writing(marker)
+
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"] = {"payload": Payload()}
+    torch.save(checkpoint, last)
+    refused = _resume(tmp_path / "run", env)
+    assert refused.returncode == 2
+    assert str(last) in refused.stderr and "weights_only" in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("raylight resume: refused to load checkpoint")
+    assert not marker.exists(), "the checkpoint's pickle payload must never run"

@@ -80,6 +80,8 @@ INVALID = [
     ({"placement_strategy": None}, "placement_strategy", "None", "'STRICT_SPREAD'"),
     ({"precision": None}, "precision", "None", "'32-true'"),
     ({"gradient_clip_algorithm": "NORM"}, "gradient_clip_algorithm", "'NORM'", "'norm' or 'value'"),
+    ({"collective_timeout_s": 0}, "collective_timeout_s", "0", "positive number of seconds"),
+    ({"resource_wait_s": float("inf")}, "resource_wait_s", "inf", "positive number of seconds"),
 ]
 
 

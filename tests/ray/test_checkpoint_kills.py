@@ -93,4 +93,4 @@ def test_kills_while_streaming_checkpoints_never_leave_a_partial_one(ray_cluster
     # The kills landed at different points: most trials committed something new, so the resume point moved on.
     assert len(resumed_steps) >= TRIALS // 2, resumed_steps
     assert resumed_steps == sorted(resumed_steps), resumed_steps
-    print(f"{TRIALS} kills; resume points: {resumed_steps}")
+    print(f"\nFAULT checkpoint-kills: {TRIALS} kills, every resume point complete: {resumed_steps}")

@@ -88,8 +88,10 @@ def test_every_attempt_failing_makes_exactly_max_failures_plus_one_attempts(ray_
     shared = tmp_path / "shared"
     shared.mkdir()
     trainer = _trainer(tmp_path, ray_cluster, max_failures=2)
+    started = time.monotonic()
     with pytest.raises(WorkerError) as raised:
         trainer.fit(Broken(str(shared), raise_at=1), _data())
+    print(f"\nFAULT every-attempt-fails: 3 attempts, error after {time.monotonic() - started:.1f} s")
     assert "[Rank 1]: RuntimeError: rank 1 always fails at batch 1" in str(raised.value)
     for rank in (0, 1):
         assert len(list(shared.glob(f"attempt-{rank}-*"))) == 3, f"rank {rank}: {sorted(os.listdir(shared))}"
@@ -110,6 +112,7 @@ def test_rank_stuck_in_a_step_fails_the_run_after_the_collective_timeout(ray_clu
     stuck_for = failed_at - float((shared / "hanging").read_text())
     # The other rank waited timeout_s in the gradient all-reduce, then its error reached the driver.
     assert timeout_s <= stuck_for < timeout_s + 30, f"the run failed {stuck_for:.1f} s after rank 1 got stuck"
+    print(f"\nFAULT stuck-rank: failed {stuck_for:.1f} s after the rank got stuck (collective_timeout_s={timeout_s})")
     message = str(raised.value)
     assert "[Rank 0]" in message and "timed out" in message.lower(), message[-3000:]
     _assert_all_gone(_attempt_pids(shared))  # the sleeping rank too
@@ -122,6 +125,7 @@ def test_more_workers_than_the_cluster_can_place_is_a_clear_error_in_bounded_tim
         trainer.fit(Broken(str(tmp_path)), _data())
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"took {elapsed:.0f} s to give up"
+    print(f"\nFAULT too-many-workers: ResourceError after {elapsed:.1f} s (resource_wait_s=3)")
     message = str(raised.value)
     assert "num_workers=2" in message and "'CPU': 3.0" in message and "CPU=4" in message and "room for 1" in message
     assert "resource_wait_s" in message and "Lower num_workers or resources_per_worker" in message

@@ -286,6 +286,8 @@ def test_sigkilled_worker_restarts_from_the_drivers_latest_checkpoint(ray_cluste
     assert [s for s, _ in got] == [s for s, _ in rows]
     assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in rows]), atol=1e-6, rtol=0)
     assert trainer.attempts == 2  # the worker group ran twice
+    recomputed = len(steps[1]) - steps[2][0]
+    print(f"\nFAULT sigkill-worker: attempts=2, steps recomputed={recomputed} (checkpoint every 2), same weights")
 
 
 @pytest.mark.timeout(600)
@@ -405,6 +407,8 @@ def test_preempted_node_checkpoints_just_in_time_and_the_run_finishes_on_the_rem
         jit_step = int(torch.load(last, weights_only=True)["global_step"])
         assert seen_at < drained_at + DRAIN_DEADLINE_S, f"committed {seen_at - drained_at:.1f} s after the drain"
         assert drain_step <= jit_step < STEPS_PER_EPOCH, (drain_step, jit_step)
+        print(f"\nFAULT drain: just-in-time checkpoint committed {seen_at - drained_at:.1f} s after the drain "
+              f"(deadline {DRAIN_DEADLINE_S} s), at step {jit_step}")
 
         # The machine goes away at the deadline, as a reclaimed spot instance does. (Ray counts a node's death as
         # a preemption only once the drain deadline has passed; a node lost earlier is an ordinary failure.)
@@ -478,4 +482,4 @@ def test_killed_dataloader_worker_fails_the_attempt_and_the_run_resumes(ray_clus
     _assert_same_weights(model, weights)
     got = _csv_rows(trainer.logger.metrics_file_path)
     assert [s for s, _ in got] == [s for s, _ in rows], "each step logged once"
-    print(f"loader worker killed: run finished in {elapsed:.1f} s, resumed at step {resumed_at}")
+    print(f"\nFAULT loader-worker: attempts=2, resumed at step {resumed_at}, run {elapsed:.1f} s, same weights")

@@ -102,6 +102,7 @@ def test_ctrl_c_on_the_driver_stops_the_workers_and_marks_the_run_interrupted(ra
 
     assert not workers_left and driver_alive, "Ray Train workers kept running while the driver lived on after Ctrl-C"
     assert stopped_after < 40, f"the workers took {stopped_after:.0f} s to stop"
+    print(f"\nFAULT ctrl-c: workers gone {stopped_after:.1f} s after SIGINT, driver alive, status interrupted")
     assert driver.returncode == 130, f"exit code {driver.returncode}\n{out}\n{err[-3000:]}"
     assert "caught KeyboardInterrupt" in out
     status = json.loads((tmp_path / "runs" / "interrupted" / "status.json").read_text())

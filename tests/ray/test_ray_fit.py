@@ -489,3 +489,4 @@ def test_rank_one_failing_in_training_step_fails_the_run_on_the_driver(ray_clust
     while any(_running(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [rank for rank, pid in pids.items() if _running(pid)], pids
+    print(f"\nFAULT rank-1-raises: WorkerError naming rank 1 after {elapsed:.1f} s, no worker left")
