@@ -229,20 +229,33 @@ def _wait_for_room(settings: RayRunSettings) -> None:
     """Fail with a readable error, within ``resource_wait_s``, when the workers can never be placed.
 
     Counts against the nodes' total resources (not what is free right now): a busy cluster frees up,
-    so only a cluster too small for the request fails, after the wait (an autoscaler may add nodes).
+    so only a cluster too small for the request fails, after the wait. Meanwhile the request is handed
+    to the autoscaler (``ray.autoscaler.sdk.request_resources``), so a cluster that scales from zero
+    gets its nodes; give it a ``resource_wait_s`` as long as a node takes to boot.
     """
     import ray
 
+    from ray.autoscaler.sdk import request_resources
+
     shape = _worker_shape(settings)
     deadline = time.monotonic() + settings.resource_wait_s
-    while True:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        fits = _placeable(shape, nodes, settings.placement_strategy)
-        if fits >= settings.num_workers:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    requested = False
+    try:
+        while True:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            fits = _placeable(shape, nodes, settings.placement_strategy)
+            if fits >= settings.num_workers:
+                return
+            if not requested:
+                # Tell an autoscaler (if the cluster has one) what the run needs, so it can add nodes.
+                request_resources(bundles=[shape] * settings.num_workers)
+                requested = True
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    finally:
+        if requested:
+            request_resources(bundles=[])  # Ray Train's placement group carries the demand from here on
     totals: dict[str, float] = {}
     for node in nodes:
         for key in shape:
