@@ -186,7 +186,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    import sys; sys.path.insert(0,"/tmp/pf"); from stamp import stamp; stamp(f"worker{rank} enter")
     try:
         _run_worker(config, rank)
     except Exception as err:
@@ -195,7 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _run_worker(config: dict[str, Any], rank: int) -> None:
-    import sys; sys.path.insert(0,"/tmp/pf"); from stamp import stamp
     import ray
 
     actor = config["sink"]
@@ -212,7 +210,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
         finally:
             os.remove(tmp)
 
-    stamp("job loaded"); _seed_like_the_driver(job)
+    _seed_like_the_driver(job)
     strategy = Strategy(job.config.accelerator)
     engine = Engine(
         job.config,
@@ -225,7 +223,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
     )
     if job.initial_progress is not None:
         engine.current_epoch, engine.global_step = job.initial_progress
-    stamp("engine built"); _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank); stamp("stage done")
+    _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
 
 
 def _seed_like_the_driver(job) -> None:
@@ -274,7 +272,6 @@ class WorkerStepError(RuntimeError):
 
 
 def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path: str, rank: int) -> None:
-    import sys; sys.path.insert(0,"/tmp/pf"); from stamp import stamp
     module = job.module
     result: dict[str, Any] = {}
     if job.stage == "fit":
@@ -285,7 +282,6 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path:
     else:
         result["predictions"] = engine.predict(module, job.dataloaders, job.datamodule, checkpoint, resume_from)
 
-    stamp("fit done")
     if rank != 0:
         return
     result.update(
