@@ -53,12 +53,10 @@ COMMON = textwrap.dedent(
     """
 )
 
-RAYLIGHT = COMMON + textwrap.dedent(
+# The same LightningModule for raylight and for Lightning: only the base class differs.
+MODEL = textwrap.dedent(
     """
-    from launcher import Trainer
-    from runtime import LightningModule, ModelCheckpoint
-
-    class Model(LightningModule):
+    class Model({base}):
         def __init__(self):
             super().__init__()
             self.net = net()
@@ -70,6 +68,15 @@ RAYLIGHT = COMMON + textwrap.dedent(
             self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]), sync_dist=True)
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
+    """
+)
+
+RAYLIGHT = COMMON + textwrap.dedent(
+    """
+    from launcher import Trainer
+    from runtime import LightningModule, ModelCheckpoint
+
+    {model}
 
     trainer = Trainer(max_epochs=EPOCHS, num_workers=WORKERS, address=ADDRESS, default_root_dir=OUT,
                       enable_progress_bar=False, num_sanity_val_steps=0,
@@ -77,7 +84,7 @@ RAYLIGHT = COMMON + textwrap.dedent(
     trainer.fit(Model(), DataLoader(dataset(TRAIN_N), batch_size=BATCH), DataLoader(dataset(VAL_N), batch_size=BATCH))
     assert trainer.global_step == EPOCHS * STEPS, trainer.global_step
     """
-)
+).replace("{model}", MODEL.format(base="LightningModule"))
 
 HANDWRITTEN = COMMON + textwrap.dedent(
     """
@@ -127,18 +134,7 @@ LIGHTNING = COMMON + textwrap.dedent(
     import lightning.pytorch as pl
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    class Model(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net()
-        def training_step(self, batch, batch_idx):
-            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-            self.log("train_loss", loss, sync_dist=True)
-            return loss
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]), sync_dist=True)
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+    {model}
 
     def loop(config):
         trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices="auto", strategy=RayDDPStrategy(),
@@ -154,7 +150,7 @@ LIGHTNING = COMMON + textwrap.dedent(
         run_config=ray.train.RunConfig(storage_path=OUT, name="lightning"),
     ).fit()
     """
-)
+).replace("{model}", MODEL.format(base="pl.LightningModule"))
 
 VARIANTS = {"raylight": RAYLIGHT, "handwritten": HANDWRITTEN, "lightning": LIGHTNING}
 
