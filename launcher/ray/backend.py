@@ -139,6 +139,7 @@ def run_job(
     if payload is None:
         payload = serialize_job(job)  # fails here, before anything is scheduled, if the job cannot travel
     ensure_ray(settings.address)
+    _wait_for_room(settings)  # before anything is created on the cluster
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -176,11 +177,6 @@ def run_job(
         ),
     )
 
-    try:
-        _wait_for_room(settings)
-    except BaseException:
-        ray.kill(sink, no_restart=True)
-        raise
     progress = _ProgressPump(sink, on_progress)
     try:
         trainer.fit()  # on this thread, so that Ctrl-C reaches it (see _interruptible)
