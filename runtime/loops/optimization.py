@@ -61,16 +61,11 @@ def _rank_note(engine: "Engine", batch_idx: int) -> str:
 
 def parse_automatic_output(output: Any, engine: "Engine", batch_idx: int) -> tuple[Tensor | None, dict[str, Any]]:
     """(loss, extra outputs) from training_step's return value in automatic optimization."""
-    if isinstance(output, Tensor):
-        if output.numel() != 1:
-            raise StepOutputError(
-                f"training_step returned a loss of shape {tuple(output.shape)} at {_rank_note(engine, batch_idx)}; "
-                "the loss must be a scalar: reduce it (e.g. loss.mean())"
-            )
-        return output, {}
     if output is None:
         return None, {}
-    if isinstance(output, Mapping):
+    if isinstance(output, Tensor):
+        loss, extra = output, {}
+    elif isinstance(output, Mapping):
         if "loss" not in output or output["loss"] is None:
             raise StepOutputError(
                 f"training_step returned a dict without a 'loss' key ({_rank_note(engine, batch_idx)}; keys: "
@@ -78,8 +73,6 @@ def parse_automatic_output(output: Any, engine: "Engine", batch_idx: int) -> tup
             )
         loss = output["loss"]
         extra = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in output.items() if k != "loss"}
-    elif isinstance(output, Tensor):
-        loss, extra = output, {}
     else:
         raise StepOutputError(
             f"training_step returned {type(output).__name__} ({output!r:.60}) at {_rank_note(engine, batch_idx)}; "
