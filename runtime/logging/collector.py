@@ -246,11 +246,22 @@ class MetricCollector:
         pending = [e for e in self.entries.values() if e.step_value is not None and not e.step_synced]
         if not pending:
             return
-        packed = torch.stack([e.step_value.detach().to(torch.float64).reshape(()) for e in pending])
-        gathered = self._gather(packed)
-        for column, entry in enumerate(pending):
-            reduced = _reduce_column(gathered[:, column], entry.reduce_fx)
-            entry.step_value = reduced.to(entry.step_value.dtype if entry.step_value.is_floating_point() else torch.float32)
+        # A constant number of tensor ops per step, whatever the number of metrics: every torch call
+        # costs microseconds, so per-metric conversions and reductions would dominate a small step.
+        values = [e.step_value for e in pending]
+        dtypes = {v.dtype for v in values}
+        with torch.no_grad():
+            if len(dtypes) == 1:
+                packed = torch.stack(values).to(torch.float64)
+            else:  # converted one by one: stack's type promotion could round int64 through float32
+                packed = torch.stack([v.to(torch.float64) for v in values])
+            gathered = self._gather(packed)
+            reduced = {fx: _reduce_rows(gathered, fx) for fx in {e.reduce_fx for e in pending}}
+            # Floating values keep their dtype, others come back as float32.
+            targets = [v.dtype if v.is_floating_point() else torch.float32 for v in values]
+            by_dtype = {dtype: {fx: r.to(dtype).unbind(0) for fx, r in reduced.items()} for dtype in set(targets)}
+        for column, (entry, dtype) in enumerate(zip(pending, targets)):
+            entry.step_value = by_dtype[dtype][entry.reduce_fx][column]
             entry.step_synced = True
 
     def compute_epoch(self) -> None:
@@ -414,11 +425,12 @@ def _to_scalar_tensor(name: str, value: Any, enable_graph: bool) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def _reduce_column(column: Tensor, reduce_fx: str) -> Tensor:
+def _reduce_rows(gathered: Tensor, reduce_fx: str) -> Tensor:
+    """Reduce ``[world, k]`` over the ranks: ``[k]``."""
     if reduce_fx == "mean":
-        return column.mean()
+        return gathered.mean(0)
     if reduce_fx == "sum":
-        return column.sum()
+        return gathered.sum(0)
     if reduce_fx == "max":
-        return column.max()
-    return column.min()
+        return gathered.amax(0)
+    return gathered.amin(0)
