@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -96,9 +97,103 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from launcher import submit
+
+    command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    working_dir = os.path.abspath(args.working_dir)
+    env = dict(item.split("=", 1) for item in args.env)
+    jobs, job_id = submit.submit(args.address, command, working_dir, env=env, submission_id=args.submission_id)
+    print(f"submitted job {job_id} to {args.address or 'the cluster in RAY_ADDRESS'}", flush=True)
+    if args.no_wait:
+        print(f"follow it with `raylight logs {job_id} --follow`, fetch its runs with `raylight fetch {job_id}`")
+        return 0
+    try:
+        status = submit.follow(jobs, job_id, write=lambda text: print(text, end="", flush=True))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (`raylight stop {job_id}` stops it)", file=sys.stderr)
+        return 130
+    _fetch_into(jobs, job_id, working_dir)
+    print(f"job {job_id} {status.lower()}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _fetch_into(jobs, job_id: str, root: str) -> None:
+    from launcher import submit
+
+    for run in submit.fetch_runs(jobs, job_id, root):
+        print(f"run directory: {run} (TensorBoard: tensorboard --logdir {run})")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from launcher import submit
+
+    _fetch_into(submit.client(args.address), args.job_id, os.path.abspath(args.dest))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from launcher import submit
+
+    jobs = submit.client(args.address)
+    if args.follow:
+        submit.follow(jobs, args.job_id, write=lambda text: print(text, end="", flush=True))
+    else:
+        print(jobs.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from launcher import submit
+
+    jobs = submit.client(args.address)
+    jobs.stop_job(args.job_id)
+    status = submit.wait(jobs, args.job_id)
+    print(f"job {args.job_id}: {status.lower()}")
+    return 0 if status in submit.TERMINAL else 1
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylight", description="Run LightningModules on Ray: inspect and resume runs.")
+    parser = argparse.ArgumentParser(
+        prog="raylight", description="Run LightningModules on Ray: submit jobs, inspect and resume runs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    submit = sub.add_parser(
+        "submit",
+        help="run a training script on a Ray cluster as a Ray Job, follow its logs, then download its run directories",
+        description="Ships --working-dir and this package to the cluster (Ray Job runtime_env), prints the job id, "
+        "follows the logs, and when the job ends downloads the run directories its Trainer wrote into "
+        "<working dir>/runs/ (no shared filesystem or bucket needed). Exit status 0 when the job succeeded.",
+    )
+    _add_address(submit)
+    submit.add_argument("--working-dir", default=".", help="directory shipped to the cluster and run from (default: .)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
+    submit.add_argument("--submission-id", default=None, help="job id to use (default: raylight-<random>)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python train.py")
+    submit.set_defaults(func=_submit)
+    logs = sub.add_parser("logs", help="print a submitted job's logs (Ray's job logs)")
+    _add_address(logs)
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(func=_logs)
+    stop = sub.add_parser("stop", help="stop a submitted job and wait until it has stopped")
+    _add_address(stop)
+    stop.add_argument("job_id")
+    stop.set_defaults(func=_stop)
+    fetch = sub.add_parser("fetch", help="download the run directories of a submitted job (e.g. after --no-wait)")
+    _add_address(fetch)
+    fetch.add_argument("job_id")
+    fetch.add_argument("--dest", default=".", help="where the job's working directory maps to (default: .)")
+    fetch.set_defaults(func=_fetch)
     ls = sub.add_parser("ls", help="list runs under a root directory with their status")
     ls.add_argument("root", nargs="?", default="runs", help="the default_root_dir of the runs (default: ./runs)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -116,7 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("submit", "logs", "stop", "fetch"):
+        return _jobs_command(args)
     return args.func(args)
+
+
+def _jobs_command(args: argparse.Namespace) -> int:
+    """Run a Ray Jobs command; what the cluster or the SDK refuses becomes one line on stderr and exit status 2."""
+    from ray.exceptions import RayError
+
+    from launcher.submit import SubmitError, explain
+
+    import ray.job_submission  # noqa: F401 - creates the SDK's loggers, quieted next
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.WARNING)  # not Ray's INFO lines about packages and websockets
+    try:
+        return args.func(args)
+    except (SubmitError, ConnectionError, RayError, RuntimeError, ValueError) as err:
+        print(f"raylight {args.command}: {explain(err, args.address, getattr(args, 'job_id', None))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import Tensor
 from launcher.loggers import TensorBoardLogger
 from launcher.progress import ProgressBar
 from launcher.run_dir import RunDir, find_last_checkpoint
+from launcher.submit import SUBMISSION_ENV, publish_run_dir
 from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
 from runtime.checkpoint.io import load_checkpoint
@@ -328,6 +329,8 @@ class Trainer:
         if create:
             self.run_dir.create(self.spec)
             self.run_dir.write_status("running")
+        if os.environ.get(SUBMISSION_ENV):
+            publish_run_dir(self.run_dir.path, self.spec.address)  # `raylight submit` downloads it when the job ends
         for logger in self.loggers:
             if hasattr(logger, "attach"):
                 logger.attach(self.run_dir.path, resume_step=resume_step)
