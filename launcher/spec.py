@@ -321,11 +321,16 @@ class TrainerSpec(BaseModel):
     @field_validator("address", mode="before")
     @classmethod
     def _check_address(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().startswith("ray://"):
+            raise _invalid(
+                "Ray Client addresses are not supported: the driver would run on the head node and write the run "
+                "directory there, not on this machine. Submit the script instead: raylight submit --address "
+                "http://HEAD:8265 -- python train.py (its run directory comes back here), or run it on a cluster "
+                "node with address='auto'"
+            )
         if value is None or (isinstance(value, str) and value.strip()):
             return value
-        raise _invalid(
-            "expected None (start or join a local Ray) or a Ray address such as 'auto' or 'ray://head:10001'"
-        )
+        raise _invalid("expected None (start or join a local Ray) or a Ray address such as 'auto' or 'head:6379'")
 
     @field_validator("run_name", mode="before")
     @classmethod

@@ -60,7 +60,7 @@ class RayRunSettings:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect to ``address`` ("auto", "host:port", "ray://..."), or start/join a local Ray when None."""
+    """Connect to ``address`` ("auto", "host:port"), or start/join a local Ray when None."""
     import ray
 
     if ray.is_initialized():

@@ -62,6 +62,7 @@ INVALID = [
     ({"deterministic": "yes"}, "deterministic", "'yes'", "boolean"),
     ({"default_root_dir": ""}, "default_root_dir", "''", "non-empty path"),
     ({"address": ""}, "address", "''", "Ray address"),
+    ({"address": "ray://head:10001"}, "address", "'ray://head:10001'", "raylight submit --address http://HEAD:8265"),
     # Values that slip past a plain type check: bools where counts go, NaN and infinity, floats for counts.
     ({"num_workers": 2.5}, "num_workers", "2.5", "int >= 0"),
     ({"num_workers": True}, "num_workers", "True", "int >= 0"),
