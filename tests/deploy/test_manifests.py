@@ -310,6 +310,15 @@ def test_rayjob_runs_a_script_the_image_holds_with_trainer_options_the_spec_acce
     assert gpus >= spec.num_workers, f"{spec.num_workers} GPU workers on a cluster with {gpus:g} GPUs"
 
 
+def test_rayjob_publishes_its_run_directory_under_its_job_id_for_raylight_fetch():
+    from launcher.submit import SUBMISSION_ENV
+
+    job = _manifest("rayjob.yaml")["spec"]
+    env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    assert env[SUBMISSION_ENV] == job["jobId"], "raylight fetch <jobId> finds the run only under the same id"
+    assert f"raylight fetch {job['jobId']}" in (DEPLOY / "kuberay" / "rayjob.yaml").read_text()
+
+
 # ------------------------------------------------------------------ cluster launcher
 
 
@@ -460,10 +469,10 @@ def test_deploy_readme_names_real_files_options_and_commands():
     code = blocks + re.findall(r"`[^`\n]+`", re.sub(r"```.*?```", "", text, flags=re.S))
     commands = build_parser()._subparsers._group_actions[0].choices
     used = [found for snippet in code for found in re.findall(r"(?<![<\w/.-])raylight (\w+)([^\n`]*)", snippet)]
-    assert {command for command, _ in used} >= {"ls", "resume"}, "the guide should show raylight ls and resume"
+    assert {command for command, _ in used} >= {"ls", "resume", "submit", "fetch"}, "the guide's raylight commands"
     for command, options in used:
         assert command in commands, f"deploy/README.md runs `raylight {command}`, which is not a command"
-        for option in re.findall(r"(--[\w-]+)", options):
+        for option in re.findall(r"(--[\w-]+)", options.split(" -- ")[0]):  # after " -- " is the job's command
             assert option in commands[command]._option_string_actions, f"`raylight {command} {option}` does not exist"
     (sentence,) = [part for part in text.split(". ") if "may change on the way" in part]
     for option in re.findall(r"`(--[\w-]+)`", sentence):
