@@ -185,7 +185,7 @@ class TrainerSpec(BaseModel):
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: Literal["norm", "value"] | None = None  # None clips by norm, as in Lightning
     precision: str = "32-true"
-    deterministic: bool = False
+    deterministic: bool | Literal["warn"] = False  # True: torch errors on nondeterministic ops; "warn": warns
     detect_anomaly: bool = False
     fail_on_nonfinite_loss: bool = False
     # --- outputs
@@ -259,6 +259,18 @@ class TrainerSpec(BaseModel):
         if _is_number(value) and math.isfinite(value) and value >= 0:
             return float(value)
         raise _invalid("expected None (no clipping) or a finite number >= 0")
+
+    @field_validator("gradient_clip_algorithm", mode="before")
+    @classmethod
+    def _lower_clip_algorithm(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # Lightning accepts "NORM" and "Value" too
+
+    @field_validator("deterministic", mode="before")
+    @classmethod
+    def _check_deterministic(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "warn":
+            return value
+        raise _invalid("expected a boolean or 'warn' (nondeterministic ops warn instead of raising)")
 
     @field_validator("precision", mode="before")
     @classmethod

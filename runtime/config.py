@@ -28,7 +28,7 @@ class RunConfig:
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None  # "norm" (the default when None) or "value"
     precision: str = "32-true"  # 32-true, 16-mixed, bf16-mixed, bf16-true, 64-true
-    deterministic: bool = False
+    deterministic: bool | str = False  # True, False or "warn"
     enable_checkpointing: bool = True
     fast_dev_run: int = 0  # 0 = off, N = run N batches of each stage
     use_distributed_sampler: bool = True

@@ -112,7 +112,11 @@ class Engine:
         # Called at step boundaries; True means "a node is about to go away: checkpoint now" (Ray preemption).
         self._preemption_probe = preemption_probe
         if self.config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            # As Lightning: True makes nondeterministic ops raise, "warn" makes them warn; cuBLAS needs a fixed
+            # workspace and cuDNN must not benchmark for either to hold on a GPU.
+            torch.use_deterministic_algorithms(True, warn_only=self.config.deterministic == "warn")
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+            torch.backends.cudnn.benchmark = False
 
     # ============================================================ properties
     @property

@@ -59,7 +59,7 @@ INVALID = [
     ({"accelerator": "mps"}, "accelerator", "'mps'", "'cpu'"),
     ({"devices": -1}, "devices", "-1", "'auto' or an int >= 1"),
     ({"devices": [0, 1]}, "devices", "[0, 1]", "'auto' or an int >= 1"),
-    ({"deterministic": "yes"}, "deterministic", "'yes'", "boolean"),
+    ({"deterministic": "yes"}, "deterministic", "'yes'", "a boolean or 'warn'"),
     ({"default_root_dir": ""}, "default_root_dir", "''", "non-empty path"),
     ({"address": ""}, "address", "''", "Ray address"),
     ({"address": "ray://head:10001"}, "address", "'ray://head:10001'", "raylight submit --address http://HEAD:8265"),
@@ -80,7 +80,7 @@ INVALID = [
     ({"resources_per_worker": [("CPU", 1)]}, "resources_per_worker", "[('CPU', 1)]", "dict of resource name"),
     ({"placement_strategy": None}, "placement_strategy", "None", "'STRICT_SPREAD'"),
     ({"precision": None}, "precision", "None", "'32-true'"),
-    ({"gradient_clip_algorithm": "NORM"}, "gradient_clip_algorithm", "'NORM'", "'norm' or 'value'"),
+    ({"gradient_clip_algorithm": "max"}, "gradient_clip_algorithm", "'max'", "'norm' or 'value'"),
     ({"collective_timeout_s": 0}, "collective_timeout_s", "0", "positive number of seconds"),
     ({"resource_wait_s": float("inf")}, "resource_wait_s", "inf", "positive number of seconds"),
 ]

@@ -181,3 +181,41 @@ def test_raylight_ls_lists_runs(tmp_path):
     assert row.split()[:4] == ["one", "finished", "1", "5"]
     bad = subprocess.run([sys.executable, "-m", "launcher.cli", "ls", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode != 0 and "no such directory" in bad.stderr
+
+
+@pytest.mark.parametrize("deterministic", [True, "warn"])
+def test_deterministic_sets_torch_as_lightning_does(deterministic, tmp_path):
+    """True: nondeterministic ops raise; "warn": they warn (checked against Lightning 2.6 in a fresh process)."""
+    probe = (
+        "import os, sys, torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "d = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4)\n"
+        "if sys.argv[1] == 'lightning':\n"
+        "    import lightning.pytorch as pl\n"
+        "    pl.Trainer(deterministic=DET, logger=False, default_root_dir=sys.argv[2])  # sets the flags\n"
+        "else:\n"
+        "    sys.path.insert(0, sys.argv[3])\n"
+        "    from tests.launcher.test_trainer import Regressor\n"
+        "    from launcher import Trainer\n"
+        "    Trainer(deterministic=DET, max_steps=1, num_workers=0, logger=False, enable_progress_bar=False,\n"
+        "            default_root_dir=sys.argv[2]).fit(Regressor(), d)\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),\n"
+        "      os.environ.get('CUBLAS_WORKSPACE_CONFIG'))\n"
+    ).replace("DET", repr(deterministic))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flags = {}
+    for framework in ("lightning", "raylight"):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, framework, str(tmp_path / framework), root],
+            capture_output=True, text=True, timeout=120, cwd=root,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        flags[framework] = result.stdout.split("\n")[-2]
+    assert flags["raylight"] == flags["lightning"] == f"True {deterministic == 'warn'} :4096:8"
+
+
+def test_gradient_clip_algorithm_is_case_insensitive_as_in_lightning():
+    from launcher.spec import TrainerSpec
+
+    assert TrainerSpec.from_kwargs(gradient_clip_algorithm="NORM").gradient_clip_algorithm == "norm"
+    assert TrainerSpec.from_kwargs(gradient_clip_algorithm="Value").gradient_clip_algorithm == "value"
