@@ -1,4 +1,4 @@
-"""The cluster entrypoint: examples/classifier.py's DigitClassifier on a Ray cluster's GPU workers.
+"""The cluster entrypoint: examples/classifier.py's training on a Ray cluster's GPU workers.
 
 deploy/kuberay/rayjob.yaml runs it as its Ray job and deploy/README.md runs it on the cluster-launcher
 cluster. Both start it on the head node, so the run directory (``--root``) is on the head node too:
@@ -17,10 +17,7 @@ from typing import Any
 # The model and the data are the example's; in the image this file sits next to examples/ as in the repository.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
-from classifier import DigitClassifier, digits  # noqa: E402
-
-from launcher import Trainer  # noqa: E402
-from runtime import EarlyStopping, ModelCheckpoint, seed_everything  # noqa: E402
+from classifier import train  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,20 +59,7 @@ def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    seed_everything(0)
-    train, val = digits()
-    trainer = Trainer(
-        **trainer_kwargs(args),
-        callbacks=[
-            ModelCheckpoint(monitor="val_acc", mode="max", save_last=True),
-            EarlyStopping(monitor="val_loss", patience=3),
-        ],
-    )
-    trainer.fit(DigitClassifier(), train, val)
-    print(f"\nval_acc={float(trainer.callback_metrics['val_acc']):.3f} after {trainer.current_epoch} epochs")
-    print(f"run directory:   {trainer.run_dir.path}")
-    print(f"best checkpoint: {trainer.checkpoint_callback.best_model_path}")
+    train(**trainer_kwargs(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
