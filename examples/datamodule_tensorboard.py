@@ -19,9 +19,10 @@ hyperparameters of the model and the data module (HPARAMS tab) all land there. C
 run directory ``<root>/<run name>/checkpoints/``; ``trainer.test(ckpt_path="best")`` evaluates the best
 one on the test split.
 
-The default trains in this process, because starting Ray costs more than this training on a laptop
-(25-40 s on a 2-core machine); ``--num-workers N`` runs it on N Ray Train workers, where
-``prepare_data`` runs once on each node and every rank sees its own shard of each split.
+The default trains in this process, because starting Ray costs more than this training on a laptop:
+with ``--num-workers N``, ``fit`` and ``test`` are two Ray Train runs and each pays the worker start-up
+(25-40 s on a 2-core machine). There ``prepare_data`` runs once on each node and every rank sees its own
+shard of each split; ``--data-dir`` must be a writable path on the worker nodes.
 """
 
 from __future__ import annotations
@@ -140,13 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=5,
         callbacks=[ModelCheckpoint(monitor="val_acc", mode="max", save_last=True), LearningRateMonitor("epoch")],
     )
+    # log_dir picks the next free version_N now, once, so that fit and test write into the same one. (On Ray,
+    # a version left unresolved is picked again by each run: fit and test would land in different versions.)
+    print(f"logging to {logger.log_dir}")
     datamodule = DigitsDataModule(data_dir=args.data_dir)
     model = DigitsCNN()
     trainer.fit(model, datamodule=datamodule)
+    epochs = trainer.current_epoch
     # The best checkpoint by val_acc, not the last weights, on the split no decision has looked at.
     results = trainer.test(model, datamodule=datamodule, ckpt_path=None if args.fast_dev_run else "best")
 
-    print(f"\ntest_acc={results[0]['test_acc']:.3f} after {trainer.current_epoch} epochs")
+    tested = "the last weights" if args.fast_dev_run else f"the best of {epochs} epochs by val_acc"
+    print(f"\ntest_acc={results[0]['test_acc']:.3f} ({tested})")
     print(f"best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     print(f"TensorBoard logs: {logger.log_dir}")
     print(f"view them with:   tensorboard --logdir {os.path.dirname(os.path.dirname(logger.log_dir))}")
