@@ -210,8 +210,7 @@ def walkthrough(args: argparse.Namespace) -> bool:
     resumed = torch.load(os.path.join(preempted, "checkpoints", "last.ckpt"), weights_only=True)
     keys = sorted(expected["state_dict"])
     different = [k for k in keys if not torch.equal(resumed["state_dict"][k], expected["state_dict"][k])]
-    print(f"    resumed run: epoch {resumed['epoch']}, step {resumed['global_step']}; reference: epoch "
-          f"{expected['epoch']}, step {expected['global_step']}")
+    print(f"    the resumed run ended at step {resumed['global_step']}, the reference at step {expected['global_step']}")
     steps = logged_train_steps(preempted)
     once = steps == sorted(set(steps)) and steps == logged_train_steps(reference)
     print(f"    metrics.csv: {len(steps)} train_loss rows, each step once and the same steps as the reference: "
