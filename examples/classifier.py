@@ -12,7 +12,7 @@ files and the checkpoints (``checkpoints/last.ckpt`` and the best by ``val_acc``
 workers through Ray, and the script prints where they are. ``raylight ls <root>`` lists the runs.
 
 With Ray, most of the wall time is start-up (local Ray, then Ray Train's controller, worker actors and
-process group: about 25-40 s on a 2-core machine); the 10 epochs themselves take a few seconds. On a
+process group: 30-45 s on a busy 2-core machine); the 10 epochs themselves take a few seconds. On a
 cluster set ``RAY_AUTH_MODE=token`` (see the README's Security section) and use ``--address``:
 ``deploy/train_digits.py`` is this model's entrypoint for the Docker image and the KubeRay manifests.
 """

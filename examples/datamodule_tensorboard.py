@@ -1,6 +1,6 @@
 """A LightningDataModule and an explicit TensorBoardLogger: fit, then test the best checkpoint.
 
-    python examples/datamodule_tensorboard.py                      # in this process (no Ray): ~15 s
+    python examples/datamodule_tensorboard.py                      # in this process (no Ray): ~10-15 s
     python examples/datamodule_tensorboard.py --max-epochs 2       # shorter
     python examples/datamodule_tensorboard.py --num-workers 2      # a local Ray with 2 CPU workers
     python examples/datamodule_tensorboard.py --address auto --num-workers 4   # a running Ray cluster
@@ -14,14 +14,15 @@ the download), ``setup(stage)`` builds the train/val/test splits on every rank, 
 The logger is built explicitly, as in Lightning: ``TensorBoardLogger(save_dir=<root>/tb_logs,
 name="digits_cnn")`` writes ``<root>/tb_logs/digits_cnn/version_N/`` (the next free N on each run), on
 this machine even when the workers run elsewhere: their metric rows reach the driver through Ray. Train
-and validation curves, the learning rate (``LearningRateMonitor``), the test metrics and the
-hyperparameters of the model and the data module (HPARAMS tab) all land there. Checkpoints stay in the
-run directory ``<root>/<run name>/checkpoints/``; ``trainer.test(ckpt_path="best")`` evaluates the best
-one on the test split.
+and validation curves, the learning rate (``LearningRateMonitor``), the test metrics and the model's
+hyperparameters (HPARAMS tab) all land there. Checkpoints stay in the run directory
+``<root>/<run name>/checkpoints/`` and hold both hyperparameter sets (``hyper_parameters``,
+``datamodule_hyper_parameters``); ``trainer.test(ckpt_path="best")`` evaluates the best one on the test
+split.
 
 The default trains in this process, because starting Ray costs more than this training on a laptop:
 with ``--num-workers N``, ``fit`` and ``test`` are two Ray Train runs and each pays the worker start-up
-(25-40 s on a 2-core machine). There ``prepare_data`` runs once on each node and every rank sees its own
+(30-45 s on a busy 2-core machine). There ``prepare_data`` runs once on each node and every rank sees its own
 shard of each split; ``--data-dir`` must be a writable path on the worker nodes.
 """
 

@@ -14,7 +14,7 @@ of generated digits from the trained generator into the same TensorBoard run (IM
 few of them as text.
 
 The default trains in this process, because starting Ray costs more than the training itself on a laptop
-(25-40 s on a 2-core machine). More than one worker is refused for now: under DDP, the two backward passes
+(30-45 s on a busy 2-core machine). More than one worker is refused for now: under DDP, the two backward passes
 per ``training_step`` that this pattern makes need ``find_unused_parameters`` and a DDP
 ``prepare_for_backward`` before each ``manual_backward`` (what Lightning's
 ``strategy="ddp_find_unused_parameters_true"`` does), and raylight does neither yet.

@@ -1,8 +1,8 @@
 """Preemption and resume, on a laptop: kill a training run's driver part-way, finish it, check the weights.
 
-    python examples/preemption_resume.py                        # the walkthrough, in-process runs: ~30 s
+    python examples/preemption_resume.py                        # the walkthrough, in-process runs: ~40 s
     python examples/preemption_resume.py --resume-with fit      # finish with fit(ckpt_path="last") instead
-    python examples/preemption_resume.py --num-workers 2        # each run on a local Ray, 2 workers: ~2 min
+    python examples/preemption_resume.py --num-workers 2        # each run on a local Ray, 2 workers: ~3 min
     python examples/preemption_resume.py --num-workers 2 --address auto   # on a running Ray cluster
 
 What it does, in four steps (all under ``<root>/preemption-<time>/``):
@@ -33,7 +33,7 @@ On a real cluster the same pieces work without you (see deploy/README.md):
   ``--num-workers`` may change; a checkpoint from the middle of an epoch needs the same worker count).
 
 ``--num-workers N`` runs every training on N Ray Train workers (a local Ray started by each run when no
-``--address`` is given: each start costs 25-40 s on a 2-core machine, hence the in-process default).
+``--address`` is given: each start costs 30-45 s on a busy 2-core machine, hence the in-process default).
 With ``--address`` the runs join a running cluster (``RAY_AUTH_MODE=token``), which outlives the killed
 driver. ``--step-delay`` slows each step a little, standing in for a real model, so that the kill lands
 part-way through; it does not change the numbers.
@@ -210,7 +210,8 @@ def walkthrough(args: argparse.Namespace) -> bool:
     resumed = torch.load(os.path.join(preempted, "checkpoints", "last.ckpt"), weights_only=True)
     keys = sorted(expected["state_dict"])
     different = [k for k in keys if not torch.equal(resumed["state_dict"][k], expected["state_dict"][k])]
-    print(f"    the resumed run ended at step {resumed['global_step']}, the reference at step {expected['global_step']}")
+    print(f"    the resumed run ended at step {resumed['global_step']}, the reference at step "
+          f"{expected['global_step']}")
     steps = logged_train_steps(preempted)
     once = steps == sorted(set(steps)) and steps == logged_train_steps(reference)
     print(f"    metrics.csv: {len(steps)} train_loss rows, each step once and the same steps as the reference: "
