@@ -142,6 +142,11 @@ class TrainerSpec(BaseModel):
     - ``run_name``: the run directory's name under ``default_root_dir``; None
       lets the Trainer pick one with :func:`new_run_name`.
 
+    ``strategy`` takes Lightning's DDP names: workers always run DDP, and
+    ``"ddp_find_unused_parameters_true"`` lets a backward leave parameters
+    without gradients (a manual-optimization GAN that steps its generator and
+    discriminator with separate backward passes needs it, as in Lightning).
+
     Lightning aliases: ``accelerator="gpu"``/``"cuda"`` means ``use_gpu=True``
     (``"auto"`` leaves ``use_gpu`` as given: the driver cannot see the
     workers' devices); ``devices=N`` means ``num_workers=N`` unless
@@ -210,6 +215,7 @@ class TrainerSpec(BaseModel):
     # --- Lightning aliases for the scaling arguments
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = "auto"
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"] = "auto"
 
     # ------------------------------------------------------------- validators
 
@@ -501,6 +507,7 @@ class TrainerSpec(BaseModel):
             fast_dev_run=int(self.fast_dev_run),  # True -> 1 batch, False -> 0 (off)
             use_distributed_sampler=self.use_distributed_sampler,
             accelerator="gpu" if self.use_gpu else "cpu",
+            find_unused_parameters=self.strategy == "ddp_find_unused_parameters_true",
             default_root_dir=default_root_dir,
             detect_anomaly=self.detect_anomaly,
             fail_on_nonfinite_loss=self.fail_on_nonfinite_loss,

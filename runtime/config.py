@@ -33,6 +33,7 @@ class RunConfig:
     fast_dev_run: int = 0  # 0 = off, N = run N batches of each stage
     use_distributed_sampler: bool = True
     accelerator: str = "cpu"  # "cpu" or "gpu"
+    find_unused_parameters: bool = False  # DDP's: parameters a backward does not reach are not waited for
     default_root_dir: str = "."  # the run directory; checkpoints/ lives under it
     detect_anomaly: bool = False
     fail_on_nonfinite_loss: bool = False

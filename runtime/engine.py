@@ -75,7 +75,7 @@ class Engine:
         preemption_probe: Callable[[], bool] | None = None,
     ):
         self.config = config or RunConfig()
-        self.strategy = strategy or Strategy(self.config.accelerator)
+        self.strategy = strategy or Strategy(self.config.accelerator, self.config.find_unused_parameters)
         self.callbacks: list[Callback] = list(callbacks or [])
         self.loggers = list(loggers or [])
         is_zero = self.strategy.is_global_zero
@@ -672,10 +672,20 @@ class Engine:
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)
         with self.hooks.scope("training_step"):
-            if self._autocast:
-                with self.precision_plugin.forward_context():
-                    return self._step_fn(*args)
-            return self._step_fn(*args)
+            try:
+                if self._autocast:
+                    with self.precision_plugin.forward_context():
+                        return self._step_fn(*args)
+                return self._step_fn(*args)
+            except RuntimeError as err:
+                if "Expected to have finished reduction in the prior iteration" not in str(err):
+                    raise
+                raise RuntimeError(
+                    "DDP: the previous step's backward left some parameters without gradients (a network frozen "
+                    "by toggle_optimizer, a branch the loss did not use). Pass "
+                    "Trainer(strategy='ddp_find_unused_parameters_true'), as with Lightning, so DDP does not wait "
+                    f"for them. PyTorch said: {str(err).splitlines()[0]}"
+                ) from err
 
     def _eval_step(self, testing: bool, batch: Any, batch_idx: int, dataloader_idx: int | None) -> Any:
         module = self.lightning_module
@@ -693,6 +703,9 @@ class Engine:
         hooks = self.hooks
         hooks.on_before_backward(loss)
         scaled = self.precision_plugin.scale_loss(loss)
+        if not self.lightning_module.automatic_optimization:
+            # One DDP forward (training_step) may be followed by several manual backward passes.
+            self.strategy.prepare_for_backward(scaled)
         if hooks.custom_backward:
             with hooks.scope("backward"):
                 self.lightning_module.backward(scaled, *args, **kwargs)

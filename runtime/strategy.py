@@ -69,6 +69,21 @@ class Strategy:
         )
         return self._ddp
 
+    def prepare_for_backward(self, loss: Tensor) -> None:
+        """Arm DDP's gradient reducer for a backward pass from ``loss``.
+
+        DDP arms it once per forward, for one backward. Manual optimization may run several backward passes
+        after one ``training_step`` (a GAN: the discriminator's, then the generator's), so each is armed
+        here; with ``find_unused_parameters`` the reducer walks this loss's graph to find the parameters that
+        will get no gradient (the other network's, frozen by ``toggle_optimizer``) instead of waiting on them.
+        """
+        ddp = self._ddp
+        if ddp is None or not torch.is_grad_enabled() or not ddp.require_backward_grad_sync:
+            return  # single process, no_grad, or an accumulating batch under no_sync
+        reducer = ddp.reducer
+        reducer._rebuild_buckets()  # a pending bucket rebuild must happen now, not inside the backward
+        reducer.prepare_for_backward([loss] if ddp.find_unused_parameters and not ddp.static_graph else [])
+
     def no_backward_sync(self, enabled: bool):
         """Skip DDP's gradient all-reduce on batches that only accumulate."""
         if enabled and self._ddp is not None:

@@ -211,7 +211,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
             os.remove(tmp)
 
     _seed_like_the_driver(job)
-    strategy = Strategy(job.config.accelerator)
+    strategy = Strategy(job.config.accelerator, job.config.find_unused_parameters)
     engine = Engine(
         job.config,
         callbacks=job.callbacks,

@@ -62,6 +62,7 @@ INVALID = [
     ({"deterministic": "yes"}, "deterministic", "'yes'", "a boolean or 'warn'"),
     ({"default_root_dir": ""}, "default_root_dir", "''", "non-empty path"),
     ({"address": ""}, "address", "''", "Ray address"),
+    ({"strategy": "fsdp"}, "strategy", "'fsdp'", "'ddp_find_unused_parameters_true'"),
     ({"address": "ray://head:10001"}, "address", "'ray://head:10001'", "raylight submit --address http://HEAD:8265"),
     # Values that slip past a plain type check: bools where counts go, NaN and infinity, floats for counts.
     ({"num_workers": 2.5}, "num_workers", "2.5", "int >= 0"),

@@ -529,3 +529,55 @@ def skip_worker(rank: int, out_dir: str, ranks: list[int], output: Any) -> None:
         rank,
         {"error": None, "weights": cpu_state(engine.lightning_module), "global_step": engine.global_step},
     )
+
+
+# --------------------------------------------------------------------------- manual optimization, two networks
+class TwoNetworkModule(LightningModule):
+    """GAN-shaped manual optimization: a critic step, then a generator step, each its own backward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Linear(4, 4)
+        self.critic = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        gen_opt, critic_opt = self.optimizers()
+        self.toggle_optimizer(critic_opt)  # the generator's parameters get no gradient here
+        critic_loss = self.critic(x).pow(2).mean() + (self.critic(self.gen(x).detach()) - 1).pow(2).mean()
+        self.manual_backward(critic_loss)
+        critic_opt.step()
+        critic_opt.zero_grad()
+        self.untoggle_optimizer(critic_opt)
+        self.toggle_optimizer(gen_opt)  # and the critic's none here
+        gen_loss = self.critic(self.gen(x)).pow(2).mean()
+        self.manual_backward(gen_loss)
+        gen_opt.step()
+        gen_opt.zero_grad()
+        self.untoggle_optimizer(gen_opt)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.gen.parameters(), lr=0.1), torch.optim.SGD(self.critic.parameters(), lr=0.1)
+
+
+TWO_NETWORK_SAMPLES = 64
+
+
+def two_network_fit(out_dir: str | Path, batch_size: int, find_unused: bool) -> tuple[dict[str, torch.Tensor], int]:
+    torch.manual_seed(0)
+    module = TwoNetworkModule()
+    loader = DataLoader(regression_data(TWO_NETWORK_SAMPLES), batch_size=batch_size, shuffle=False)
+    engine = Engine(quiet_config(out_dir, max_epochs=2, find_unused_parameters=find_unused))
+    engine.fit(module, loader)
+    return cpu_state(module), engine.global_step
+
+
+def two_network_worker(rank: int, out_dir: str) -> None:
+    weights, step = two_network_fit(out_dir, batch_size=8, find_unused=True)
+    try:
+        two_network_fit(out_dir, batch_size=8, find_unused=False)
+        refused = None
+    except RuntimeError as err:
+        refused = str(err)
+    save_result(out_dir, "two_network", rank, {"weights": weights, "global_step": step, "refused": refused})

@@ -227,3 +227,22 @@ def test_rank_raising_in_training_step_fails_the_run_without_hanging(tmp_path):
     assert f"ValueError: deliberate failure on rank {h.FAIL_RANK} at batch {h.FAIL_BATCH}" in message
     assert "training_step" in message
     assert not list(tmp_path.glob("failing-finished-*")), "a rank finished fit although its peer failed"
+
+
+@pytest.mark.timeout(120)
+def test_manual_optimization_with_two_backward_passes_per_step_under_ddp(tmp_path):
+    """A GAN-shaped module (toggle_optimizer, one manual_backward per network) trains under DDP with
+    strategy='ddp_find_unused_parameters_true' exactly as one process does on the two ranks' batches together;
+    without it, the error says which Trainer argument to pass (Lightning needs the same one)."""
+    h.spawn(h.two_network_worker, tmp_path, str(tmp_path))
+    rank0, rank1 = h.load_results(tmp_path, "two_network")
+    expected, expected_step = h.two_network_fit(tmp_path / "single", batch_size=16, find_unused=False)
+    assert rank0["global_step"] == rank1["global_step"] == expected_step == 2 * 2 * (h.TWO_NETWORK_SAMPLES // 16)
+    _assert_same_weights(rank1["weights"], rank0["weights"], exact=True, what="rank 1 vs rank 0")
+    _assert_same_weights(rank0["weights"], expected, exact=False, what="DDP vs single process")
+    torch.manual_seed(0)
+    initial = h.TwoNetworkModule().state_dict()
+    assert not torch.allclose(rank0["weights"]["gen.weight"], initial["gen.weight"])
+    assert not torch.allclose(rank0["weights"]["critic.weight"], initial["critic.weight"])
+    for rank in (rank0, rank1):
+        assert "Trainer(strategy='ddp_find_unused_parameters_true')" in rank["refused"], rank["refused"]
