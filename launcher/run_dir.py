@@ -15,9 +15,11 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from launcher.spec import TrainerSpec, new_run_name
+if TYPE_CHECKING:
+    # launcher.spec imports torch (through runtime): `raylight ls` reads run directories without it.
+    from launcher.spec import TrainerSpec
 
 
 @dataclass
@@ -26,6 +28,8 @@ class RunDir:
 
     @classmethod
     def for_spec(cls, spec: TrainerSpec) -> "RunDir":
+        from launcher.spec import new_run_name
+
         root = os.path.abspath(spec.default_root_dir or os.path.join(os.getcwd(), "runs"))
         return cls(os.path.join(root, spec.run_name or new_run_name()))
 

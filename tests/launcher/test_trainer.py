@@ -183,6 +183,22 @@ def test_raylight_ls_lists_runs(tmp_path):
     assert bad.returncode != 0 and "no such directory" in bad.stderr
 
 
+def test_raylight_ls_does_not_import_torch(tmp_path):
+    """`raylight ls` only reads JSON files: importing torch would make it take seconds instead of a fraction."""
+    Trainer(max_epochs=1, default_root_dir=str(tmp_path), run_name="one", logger=False, enable_progress_bar=False).fit(
+        Regressor(), *_loaders()
+    )
+    probe = (
+        "import sys\n"
+        "from launcher.cli import main\n"
+        f"assert main(['ls', {str(tmp_path)!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'launcher.spec', 'pydantic') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "one" in out and "finished" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("deterministic", [True, "warn"])
 def test_deterministic_sets_torch_as_lightning_does(deterministic, tmp_path):
     """True: nondeterministic ops raise; "warn": they warn (checked against Lightning 2.6 in a fresh process)."""
