@@ -415,10 +415,24 @@ def _log_resume_step(checkpoint: dict[str, Any] | None) -> int | None:
 
 
 def _print_results(results: list[dict[str, float]], title: str) -> None:
-    rows = [(k, v) for result in results for k, v in sorted(result.items())]
-    if not rows:
+    """The table Lightning prints after validate/test: a row per metric, a column per dataloader, centred cells.
+
+    A row is named without its ``/dataloader_idx_N`` suffix: the column already says which dataloader it is.
+    """
+    cells: dict[str, list[str]] = {}
+    for i, result in enumerate(results):
+        for key, value in result.items():
+            name = key.removesuffix(f"/dataloader_idx_{i}")
+            cells.setdefault(name, [""] * len(results))[i] = str(value)
+    if not cells:
         return
-    width = max(len(k) for k, _ in rows)
-    print(f"{title} metric".ljust(width + 2) + "value")
-    for key, value in rows:
-        print(key.ljust(width + 2) + f"{value:.6g}")
+    header = [f"{title} metric", *(f"DataLoader {i}" for i in range(len(results)))]
+    rows = [header, *([name, *cells[name]] for name in sorted(cells))]
+    width = max(25, max(len(cell) for row in rows for cell in row) + 4)
+    rule = "\u2500" * (width * len(header))
+    print(rule)
+    for i, row in enumerate(rows):
+        print("".join(cell.center(width) for cell in row).rstrip())
+        if i == 0:
+            print(rule)
+    print(rule)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.parity.bodies import Regressor
-from tests.parity.harness import assert_fit_parity, assert_same_metrics, loader, run_both
+from tests.parity.harness import SIDES, assert_fit_parity, assert_same_metrics, build_pair, loader, run_both
 
 
 class MultiLoaderProbe(Regressor):
@@ -52,6 +55,50 @@ def test_evaluate_results(tmp_path, stage, count):
     assert_same_metrics(
         pl_run.trainer.progress_bar_metrics, rl_run.trainer.progress_bar_metrics, "progress_bar_metrics"
     )
+
+
+_CELL = re.compile(r"\S+(?: \S+)*")  # words separated by single spaces ("Test metric", "DataLoader 0")
+
+
+def _results_table(printed: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header cells, {metric: one cell per dataloader column}) of the table printed after validate/test.
+
+    A cell belongs to the header column whose centre is nearest, so a blank cell stays in its column.
+    """
+    lines = [line for line in printed.splitlines() if line.strip() and set(line.strip()) != {"\u2500"}]
+    header, *rows = lines
+    columns = list(_CELL.finditer(header))
+    centres = [(m.start() + m.end()) / 2 for m in columns]
+    table = {}
+    for line in rows:
+        cells = [""] * len(columns)
+        for m in _CELL.finditer(line):
+            centre = (m.start() + m.end()) / 2
+            cells[min(range(len(centres)), key=lambda i: abs(centres[i] - centre))] = m.group()
+        table[cells[0]] = cells[1:]
+    return [m.group() for m in columns], table
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+@pytest.mark.parametrize("count", [1, 2], ids=["one-loader", "two-loaders"])
+def test_printed_results_table(tmp_path, capsys, stage, count):
+    """verbose=True prints Lightning's table: a header per dataloader, a row per metric, blank where not logged."""
+    printed = {}
+    for side, model in zip(SIDES, build_pair(MultiLoaderProbe)):
+        capsys.readouterr()
+        loaders = _eval_loaders(count) if count > 1 else _eval_loaders(1)[0]
+        getattr(side.trainer(str(tmp_path / side.name)), stage)(model, loaders, verbose=True)
+        printed[side.name] = capsys.readouterr().out
+    pl_header, pl_rows = _results_table(printed["lightning"])
+    rl_header, rl_rows = _results_table(printed["raylight"])
+    assert rl_header == pl_header == [f"{stage.capitalize()} metric", *(f"DataLoader {i}" for i in range(count))]
+    assert list(rl_rows) == list(pl_rows), printed["raylight"]
+    for name, cells in pl_rows.items():
+        blanks = [cell == "" for cell in cells]
+        assert [cell == "" for cell in rl_rows[name]] == blanks, f"row {name!r}: {cells} vs {rl_rows[name]}"
+        for expected, actual in zip(cells, rl_rows[name]):
+            if expected:
+                assert math.isclose(float(expected), float(actual), abs_tol=1e-6), f"row {name!r}"
 
 
 def test_fit_with_two_val_dataloaders(tmp_path):
