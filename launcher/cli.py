@@ -27,7 +27,7 @@ def _ls(args: argparse.Namespace) -> int:
         rows.append(
             (
                 name,
-                status.get("status", "unknown"),
+                run.shown_status(),
                 str(status.get("epoch", "-")),
                 str(status.get("global_step", "-")),
                 "-" if best is None else f"{best:.6g}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,18 @@ class RunDir:
 
     def write_status(self, status: str, **fields: Any) -> None:
         record = {"status": status, "updated": time.time(), **fields}
+        if status == "running":  # who to ask whether it still is: `raylight ls` checks the process
+            record.setdefault("driver", {"host": socket.gethostname(), "pid": os.getpid()})
         _write_json(os.path.join(self.path, "status.json"), record)
+
+    def shown_status(self) -> str:
+        """The status for a person: "running" of a driver that no longer exists on this host is "preempted"."""
+        record = self.read_status()
+        status = record.get("status", "unknown")
+        driver = record.get("driver") or {}
+        if status == "running" and driver.get("host") == socket.gethostname() and not _alive(driver.get("pid")):
+            return "preempted"  # the driver stopped without writing an end status: killed, preempted, lost
+        return status
 
     def read_status(self) -> dict[str, Any]:
         try:
@@ -65,6 +77,18 @@ def find_last_checkpoint(root: str) -> str | None:
     """The newest ``<root>/<run>/checkpoints/last.ckpt``, for ``ckpt_path="last"`` without a run_name."""
     candidates = glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt"))
     return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def _write_json(path: str, data: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import signal
@@ -95,6 +96,11 @@ def check_driver_kill_and_resume(tmp_path, env, delay: float, ray_args: tuple[st
     assert (run / "checkpoints" / "epoch=0-step=4.ckpt").exists(), "the driver died before any checkpoint"
     assert not (run / "final.pt").exists()
     assert '"status": "running"' in (run / "status.json").read_text()
+    listed = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "ls", str(tmp_path), "--json"], capture_output=True, text=True, env=env
+    )
+    shown = {row["RUN"]: row["STATUS"] for row in json.loads(listed.stdout)}
+    assert shown["killed"] == "preempted", "a run whose driver is gone is not shown as running"
 
     resumed = _resume(run, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
