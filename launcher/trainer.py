@@ -266,7 +266,9 @@ class Trainer:
         from launcher.ray.job import Job
 
         previous = self._engine
-        initial = (previous.current_epoch, previous.global_step) if previous is not None and stage != "fit" else None
+        initial = None
+        if previous is not None and stage != "fit":
+            initial = (previous.current_epoch, previous.global_step, previous.fit_loop_batches_that_stepped)
         job = Job(
             stage=stage,
             module=model,
@@ -300,7 +302,7 @@ class Trainer:
             state = result["callbacks"].get(cb.state_key)
             if state:
                 cb.load_state_dict(state)
-        view.current_epoch, view.global_step = result["current_epoch"], result["global_step"]
+        view.continue_from(result["current_epoch"], result["global_step"], result["batches_that_stepped"])
         view.should_stop = result["should_stop"]
         view._callback_metrics = {k: torch.tensor(v) for k, v in result["callback_metrics"].items()}
         view._logged_metrics = {k: torch.tensor(v) for k, v in result["logged_metrics"].items()}
@@ -320,9 +322,11 @@ class Trainer:
             loggers=self.loggers,
         )
         if keep_progress and previous is not None:
-            # trainer.validate/test after fit report the fitted epoch and step, as Lightning's do.
-            self._engine.current_epoch = previous.current_epoch
-            self._engine.global_step = previous.global_step
+            # trainer.validate/test after fit report the fitted epoch and step and log at the fit's last
+            # logger step, as Lightning's do.
+            self._engine.continue_from(
+                previous.current_epoch, previous.global_step, previous.fit_loop_batches_that_stepped
+            )
         return self._engine
 
     def _start(self, resume_step: int | None, create: bool = True) -> None:

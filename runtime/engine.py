@@ -106,6 +106,7 @@ class Engine:
         self.val_check_batch: int | float = math.inf
         self._ddp_model: nn.Module | None = None
         self.fit_loop: FitLoop | None = None
+        self._fitted_batches_that_stepped = 0  # a finished fit's logger step, for validate/test after it
         self._val_loop: EvaluationLoop | None = None
         self._seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
         self.ckpt_path: str | None = None  # the checkpoint this run started from
@@ -300,7 +301,16 @@ class Engine:
 
     @property
     def fit_loop_batches_that_stepped(self) -> int:
-        return self.fit_loop.batches_that_stepped if self.fit_loop is not None else 0
+        """Lightning's logger step: this fit's batches that ended with an optimizer step, or those of the fit before."""
+        return self.fit_loop.batches_that_stepped if self.fit_loop is not None else self._fitted_batches_that_stepped
+
+    def continue_from(self, current_epoch: int, global_step: int, batches_that_stepped: int) -> None:
+        """Start where a finished fit (another Engine's) stopped, as one Lightning Trainer does across stages.
+
+        validate/test after fit then see the fitted epoch and step, and log at the fit's last logger step.
+        """
+        self.current_epoch, self.global_step = current_epoch, global_step
+        self._fitted_batches_that_stepped = batches_that_stepped
 
     @property
     def estimated_stepping_batches(self) -> int | float:
@@ -631,9 +641,8 @@ class Engine:
             raise MisconfigurationError(
                 f"{type(module).__name__} has no {step_hook.__name__}(batch, batch_idx); trainer.{stage} needs one"
             )
-        if checkpoint is not None:
-            self.current_epoch = int(checkpoint.get("epoch", 0))
-            self.global_step = int(checkpoint.get("global_step", 0))
+        # The epoch and step stay this trainer's own (a previous fit's, or 0) whatever checkpoint the weights came
+        # from, as in Lightning.
         limit = self.config.fast_dev_run or (self.config.limit_test_batches if testing else self.config.limit_val_batches)
         loaders = [self._prepare(dl, "test" if testing else "val", limit) for dl in self._eval_sources(
             "test" if testing else "validate")]

@@ -37,7 +37,8 @@ class Job:
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
     # Workers look for a preemption notice about this often (agreed across ranks as a step count).
     preemption_check_seconds: float = 1.0
-    initial_progress: tuple[int, int] | None = None  # (epoch, global_step) for validate/test after fit
+    # (epoch, global_step, batches_that_stepped) of the fit before validate/test/predict: Engine.continue_from
+    initial_progress: tuple[int, int, int] | None = None
     # The driver's seeding at the moment fit/validate/test/predict was called. Every rank starts from it, as
     # every rank of a Lightning DDP script does after the same seed_everything() and model construction.
     seed_environment: dict[str, str] = field(default_factory=dict)

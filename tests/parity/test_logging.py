@@ -20,6 +20,7 @@ from tests.parity.harness import (
     assert_same_metrics,
     callback_class,
     loader,
+    recording_logger,
     run_both,
 )
 
@@ -141,6 +142,66 @@ def test_evaluate_after_fit_on_the_same_trainer(tmp_path, stage):
         pl_run.trainer.callback_metrics, rl_run.trainer.callback_metrics, f"callback_metrics after {stage}"
     )
     assert len(rl_run.result) == len(pl_run.result) == 1
+    assert_same_metrics(pl_run.result[0], rl_run.result[0], f"{stage}() result")
+
+
+def _rows_of(run, stage, **kwargs):
+    """The logger rows ``trainer.<stage>(...)`` adds, as (step, {key: value}), and its result."""
+    before = len(run.logger.rows)
+    run.result = getattr(run.trainer, stage)(run.model, dataloaders=loader(n=10, seed=99), verbose=False, **kwargs)
+    return run.logger.rows[before:]
+
+
+def _assert_same_rows(expected, actual, what):
+    """Same steps, keys and values; "epoch" is compared only where Lightning adds it (raylight adds it to every row)."""
+    strip = lambda rows: [(step, {k: v for k, v in row.items() if k != "epoch"}) for step, row in rows]  # noqa: E731
+    assert [(s, sorted(r)) for s, r in strip(actual)] == [(s, sorted(r)) for s, r in strip(expected)], what
+    for (step, exp), (_, act) in zip(expected, actual):
+        assert_same_metrics(exp, {k: v for k, v in act.items() if k in exp}, f"{what}: row at step {step}")
+
+
+@pytest.mark.parametrize("ckpt_path", [None, "best"])
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluate_after_fit_logs_at_the_fits_last_step_and_keeps_its_counters(tmp_path, stage, ckpt_path):
+    # The best checkpoint is the first epoch's (vee_default is 1 + current_epoch), so taking its epoch and step
+    # (1, 6) instead of keeping the fitted ones (2, 12) would show.
+    pl_run, rl_run = run_both(
+        LogProbe,
+        tmp_path=tmp_path,
+        data=lambda: {"train_dataloaders": loader(n=22), "val_dataloaders": loader(n=10, seed=99)},
+        trainer_args=dict(max_epochs=2, num_sanity_val_steps=0, enable_checkpointing=True),
+        callbacks=lambda side: [side.ModelCheckpoint(monitor="vee_default", mode="min")],
+        with_logger=True,
+    )
+    assert "epoch=0" in rl_run.trainer.checkpoint_callback.best_model_path
+    expected, actual = (_rows_of(run, stage, ckpt_path=ckpt_path) for run in (pl_run, rl_run))
+    assert (pl_run.trainer.current_epoch, pl_run.trainer.global_step) == (2, 12)
+    assert_same_counters(pl_run, rl_run)
+    assert {step for step, row in expected if "epoch" in row} == {12}  # epoch rows: after the fit's last step
+    _assert_same_rows(expected, actual, f"{stage}(ckpt_path={ckpt_path!r}) logger rows")
+    assert_same_metrics(pl_run.result[0], rl_run.result[0], f"{stage}() result")
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluate_a_checkpoint_on_a_fresh_trainer(tmp_path, stage):
+    """No fit on this Trainer: epoch and step stay 0 (not the checkpoint's) and rows are logged at step 0."""
+    fitted = run_both(
+        LogProbe,
+        tmp_path=tmp_path,
+        trainer_args=dict(max_epochs=2, num_sanity_val_steps=0, enable_checkpointing=True),
+        callbacks=lambda side: [side.ModelCheckpoint(save_last=True)],
+    )
+    rows = []
+    for run in fitted:
+        logger = recording_logger(run.side)
+        run.trainer = run.side.trainer(str(tmp_path / f"{run.side.name}-fresh"), logger=[logger])
+        run.logger = logger
+        rows.append(_rows_of(run, stage, ckpt_path=run.callbacks[0].last_model_path))
+    pl_run, rl_run = fitted
+    assert (pl_run.trainer.current_epoch, pl_run.trainer.global_step) == (0, 0)
+    assert_same_counters(pl_run, rl_run)
+    assert {step for step, row in rows[0] if "epoch" in row} == {0}
+    _assert_same_rows(*rows, f"{stage}(ckpt_path=...) logger rows")
     assert_same_metrics(pl_run.result[0], rl_run.result[0], f"{stage}() result")
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.parity.harness import assert_fit_parity, lrs, run_both
+from tests.parity.harness import assert_fit_parity, loader, lrs, run_both
 
 
 class TwoPlayer:
@@ -109,3 +109,21 @@ def test_manual_scheduler_on_trainer_is_last_batch(tmp_path):
     pl_run, rl_run = run_both(TwoPlayerSchedulerOnLastBatch, tmp_path=tmp_path, trainer_args=dict(max_epochs=2))
     assert_fit_parity(pl_run, rl_run)
     assert lrs(rl_run.model.trainer.optimizers) == lrs(pl_run.model.trainer.optimizers)
+
+
+class TwoPlayerWithTest(TwoPlayer):
+    def test_step(self, batch, batch_idx):
+        self.log("d_real", self.discriminator(batch[0]).mean())
+
+
+def test_test_after_fit_logs_at_the_batch_count_not_the_optimizer_step_count(tmp_path):
+    """Two optimizer steps per batch: global_step is 24, but Lightning's logger step counts batches (12)."""
+    pl_run, rl_run = run_both(TwoPlayerWithTest, tmp_path=tmp_path, trainer_args=dict(max_epochs=2), with_logger=True)
+    rows = {}
+    for run in (pl_run, rl_run):
+        before = len(run.logger.rows)
+        run.trainer.test(run.model, loader(n=8), verbose=False)
+        rows[run.side.name] = [(step, sorted(row)) for step, row in run.logger.rows[before:]]
+    assert pl_run.trainer.global_step == rl_run.trainer.global_step == 24
+    assert rows["lightning"] == [(12, ["d_real", "epoch"])]
+    assert rows["raylight"] == rows["lightning"]
