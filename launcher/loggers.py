@@ -188,6 +188,13 @@ class _DirectoryLogger:
         where = self._log_dir or self._save_dir or "<run dir>"
         return f"{type(self).__name__}({where!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies write for this logger (the Ray sink actor's, one per fit/validate/test/predict; the job file's):
+        # the next free version is picked once, here, so that they all write into this logger's log_dir instead
+        # of each picking its own. As in Lightning, one logger object keeps one version for its whole life.
+        _ = self.version
+        return self.__dict__.copy()
+
 
 class _EventFile:
     """Scalars, text and hparams written with TensorBoard's own event-file writer.
@@ -355,7 +362,7 @@ class TensorBoardLogger(_DirectoryLogger):
         self._events = self._writer = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_events"] = state["_writer"] = None  # open files cannot travel; they reopen on the next write
         return state
 

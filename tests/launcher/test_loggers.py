@@ -265,6 +265,28 @@ def test_log_dir_layout(cls, tmp_path):
     assert cls(save_dir=str(save_dir), version="final").log_dir == os.path.join(str(save_dir), "final")
 
 
+@pytest.mark.parametrize("cls", [TensorBoardLogger, CSVLogger])
+def test_copies_shipped_for_each_run_write_into_the_loggers_one_version(cls, tmp_path):
+    """On Ray, fit and test each send a copy of the logger to the driver's sink actor; with save_dir and no
+    version, all copies write into the version the driver's logger reports (the first free one), as one
+    Lightning logger keeps one version for its whole life."""
+    save_dir = tmp_path / "logs"
+    os.makedirs(save_dir / "exp" / "version_0")  # an earlier experiment's
+    logger = cls(save_dir=str(save_dir), name="exp")
+    for step, stage in enumerate(["fit", "test"]):
+        copy = pickle.loads(cloudpickle.dumps(logger))
+        copy.attach(str(tmp_path / "run"))
+        copy.log_metrics({f"{stage}_loss": 1.0}, step=step)
+        copy.finalize("finished")
+    assert logger.log_dir == os.path.join(str(save_dir), "exp", "version_1")
+    assert sorted(os.listdir(save_dir / "exp")) == ["version_0", "version_1"]
+    if cls is TensorBoardLogger:
+        assert _scalars(logger.log_dir) == {"fit_loss": [(0, 1.0)], "test_loss": [(1, 1.0)]}
+    else:
+        rows = _csv_rows(os.path.join(logger.log_dir, "metrics.csv"))[1]
+        assert [(r["step"], r["fit_loss"], r["test_loss"]) for r in rows] == [("0", "1.0", ""), ("1", "", "1.0")]
+
+
 @pytest.mark.parametrize("bad", [{"version": -1}, {"version": True}, {"name": 3}])
 def test_bad_constructor_arguments_are_named(bad):
     with pytest.raises((TypeError, ValueError), match=list(bad)[0]):
