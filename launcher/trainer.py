@@ -22,7 +22,9 @@ from launcher.submit import SUBMISSION_ENV, publish_run_dir
 from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
 from runtime.checkpoint.io import load_checkpoint
+from runtime.datamodule import LightningDataModule
 from runtime.engine import Engine
+from runtime.hparams import hparams_for_loggers
 from runtime.sinks import FanOutMetricsSink, LocalCheckpointSink
 
 
@@ -59,6 +61,10 @@ class Trainer:
         ``last.ckpt`` (or, with no ``run_name``, the newest one under
         ``default_root_dir``), to resume exactly where it stopped.
         """
+        if self.loggers:
+            # Clashing module and datamodule hyperparameters fail here, before anything is scheduled.
+            dm = train_dataloaders if isinstance(train_dataloaders, LightningDataModule) else datamodule
+            hparams_for_loggers(model, dm)
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
         resume_step = _log_resume_step(checkpoint)
         payload = self._save_job(model, train_dataloaders, val_dataloaders, datamodule)

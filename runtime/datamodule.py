@@ -21,12 +21,20 @@ class LightningDataModule:
     def __init__(self) -> None:
         self.trainer = None
         self._hparams: AttributeDict = AttributeDict()
+        self._hparams_initial: AttributeDict = AttributeDict()
+        self._log_hyperparams = False
 
     def save_hyperparameters(self, *args: Any, ignore: list[str] | str | None = None, frame=None, logger: bool = True):
-        """Record ``__init__`` arguments in ``self.hparams`` (saved under ``datamodule_hyper_parameters``)."""
+        """Record ``__init__`` arguments in ``self.hparams`` (saved under ``datamodule_hyper_parameters``).
+
+        With ``logger=True`` the loggers get them too, merged with the module's, when fit starts.
+        """
         if frame is None:
             frame = inspect.currentframe().f_back
-        self._hparams = AttributeDict(select_hparams(collect_init_args(self, frame), args, ignore))
+        hparams = select_hparams(collect_init_args(self, frame), args, ignore)
+        self._log_hyperparams = logger
+        self._hparams = AttributeDict(hparams)
+        self._hparams_initial = AttributeDict(copy.deepcopy(hparams))
 
     @property
     def hparams(self) -> AttributeDict:
@@ -34,7 +42,7 @@ class LightningDataModule:
 
     @property
     def hparams_initial(self) -> AttributeDict:
-        return AttributeDict(copy.deepcopy(self._hparams))
+        return AttributeDict(copy.deepcopy(self._hparams_initial))
 
     def prepare_data(self) -> None:
         """Download or write data; runs once per node, before ``setup``."""

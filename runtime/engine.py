@@ -24,7 +24,7 @@ from runtime.checkpoint.io import check_state_dict_compatible, load_checkpoint, 
 from runtime.config import RunConfig
 from runtime.datamodule import LightningDataModule
 from runtime.errors import MisconfigurationError, NonFiniteLossError
-from runtime.hparams import checkpointable_hparams
+from runtime.hparams import checkpointable_hparams, hparams_for_loggers
 from runtime.loops.data import PreparedLoader, as_loader_list, prepare_loader
 from runtime.loops.evaluation import EvaluationLoop
 from runtime.loops.fit import FitLoop
@@ -475,10 +475,12 @@ class Engine:
         self._manual = ManualOptimization(self)
         self.fit_loop = FitLoop(self)
         self._val_loop = EvaluationLoop(self, RunningStage.VALIDATING)
+        # Merged with the datamodule's (a clash is an error even on resume), as Lightning does for its loggers.
+        hparams = hparams_for_loggers(module, self.datamodule) if self.loggers else None
         if checkpoint is not None:
             self._restore_training_state(checkpoint)
-        elif module.hparams:
-            self.metrics_sink.log_hyperparams(dict(module.hparams))
+        elif hparams:
+            self.metrics_sink.log_hyperparams(hparams)
         self.hooks.on_fit_start()
         if checkpoint is None:
             self._run_sanity_check()

@@ -114,3 +114,41 @@ def checkpointable_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
                 stacklevel=2,
             )
     return kept
+
+
+def _same_hparam(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a is b  # tensors compare elementwise; Lightning accepts only the very same tensor
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values whose == is not a plain bool (arrays) must be the same object
+        return a is b
+
+
+def hparams_for_loggers(module: Any, datamodule: Any = None) -> dict[str, Any] | None:
+    """The hyperparameters the loggers receive when fit starts (None: nothing to log), as Lightning picks them.
+
+    Those saved with ``save_hyperparameters()`` (``logger=True``, the default) on the module and on the
+    datamodule, as they were when saved, merged into one dict. A key both saved with different values is
+    an error: which one the loggers should show cannot be told.
+    """
+    from_module = bool(getattr(module, "_log_hyperparams", False))
+    from_datamodule = datamodule is not None and bool(getattr(datamodule, "_log_hyperparams", False))
+    if from_module and from_datamodule:
+        ours, theirs = module.hparams_initial, datamodule.hparams_initial
+        clashing = sorted(k for k in ours.keys() & theirs.keys() if not _same_hparam(ours[k], theirs[k]))
+        if clashing:
+            values = ", ".join(f"{k!r}: {ours[k]!r} in the module, {theirs[k]!r} in the datamodule" for k in clashing)
+            raise RuntimeError(
+                f"the LightningModule's and the LightningDataModule's hyperparameters cannot be merged for the "
+                f"loggers: {values}. Give them different names, or leave one out with "
+                "save_hyperparameters(ignore=[...]) or save_hyperparameters(logger=False)"
+            )
+        return {**ours, **theirs}
+    if from_module:
+        return dict(module.hparams_initial)
+    if from_datamodule:
+        return dict(datamodule.hparams_initial)
+    return None

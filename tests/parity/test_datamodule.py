@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from tests.parity.bodies import Regressor
-from tests.parity.harness import PL, RL, Run, assert_fit_parity, assert_same_sequence, build_pair, loader
+from tests.parity.harness import (
+    PL,
+    RL,
+    Run,
+    assert_fit_parity,
+    assert_same_sequence,
+    build_pair,
+    loader,
+    module_class,
+    recording_logger,
+)
 
 CALLS: list[str] = []
 
@@ -90,3 +100,60 @@ def test_datamodule_hook_order_and_results(tmp_path, stage):
     assert_same_sequence(pl_calls, rl_calls)
     if stage == "fit":
         assert_fit_parity(Run(PL, pl_trainer, plm), Run(RL, rl_trainer, rlm))
+
+
+class HparamsModule(Regressor):
+    def __init__(self, lr: float = 0.05, batch_size: int = 4, log_hparams: bool = True) -> None:
+        super().__init__(lr=lr)
+        self.save_hyperparameters(logger=log_hparams)
+
+
+class HparamsData:
+    def __init__(self, batch_size: int = 4, n: int = 22, log_hparams: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=log_hparams)
+
+    def train_dataloader(self):
+        return loader(n=self.hparams.n, batch_size=self.hparams.batch_size)
+
+
+def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True):
+    """{side name: the hparams dicts the side's logger received, or the exception fit raised}."""
+    outcome = {}
+    for side in (PL, RL):
+        model = module_class(HparamsModule, side)(**module_args)
+        data = type(f"HparamsData_{side.name}", (HparamsData, side.DataModule), {})(**data_args)
+        logger = recording_logger(side)
+        trainer = side.trainer(str(tmp_path / side.name), max_epochs=1, logger=[logger] if with_logger else False)
+        try:
+            trainer.fit(model, datamodule=data)
+            outcome[side.name] = logger.hparams
+        except RuntimeError as err:
+            outcome[side.name] = err
+    return outcome
+
+
+@pytest.mark.parametrize(
+    "module_args, data_args, expected",
+    [
+        ({}, {}, {"lr": 0.05, "batch_size": 4, "log_hparams": True, "n": 22}),  # a shared key with the same value
+        ({"log_hparams": False}, {}, {"batch_size": 4, "n": 22, "log_hparams": True}),
+        ({}, {"log_hparams": False}, {"lr": 0.05, "batch_size": 4, "log_hparams": True}),
+        ({"log_hparams": False}, {"log_hparams": False}, None),
+    ],
+    ids=["merged", "datamodule-only", "module-only", "neither"],
+)
+def test_datamodule_hparams_reach_the_loggers_merged_with_the_modules(tmp_path, module_args, data_args, expected):
+    outcome = _fit_logging_hparams(tmp_path, module_args, data_args)
+    assert outcome["raylight"] == outcome["lightning"] == ([expected] if expected is not None else [])
+
+
+def test_clashing_module_and_datamodule_hparams_fail_fit_as_in_lightning(tmp_path):
+    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8, "log_hparams": False}, {"log_hparams": True})
+    assert outcome["raylight"] == outcome["lightning"] == [{"batch_size": 4, "n": 22, "log_hparams": True}]
+    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8}, {})
+    assert isinstance(outcome["lightning"], RuntimeError) and "['batch_size']" in str(outcome["lightning"])
+    assert isinstance(outcome["raylight"], RuntimeError), outcome["raylight"]
+    assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
+    # Without a logger there is nothing to merge for, so no error (Lightning checks only for its loggers).
+    assert _fit_logging_hparams(tmp_path, {"batch_size": 8}, {}, with_logger=False) == {"lightning": [], "raylight": []}
