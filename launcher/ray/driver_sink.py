@@ -12,9 +12,28 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 CHUNK_BYTES = 8 * 1024 * 1024
+# While a file arrives, what is written is pushed to disk in the background about this often, so the
+# fsync that commits it waits for the tail only instead of the whole file.
+WRITEBACK_BYTES = 64 * 1024 * 1024
+
+
+class _Upload:
+    """A file being received: its final path, the hidden temporary file, and the background writeback."""
+
+    def __init__(self, path: str, handle: Any):
+        self.path = path
+        self.handle = handle
+        self.unsynced = 0
+        self.syncing: Future | None = None
+
+    def wait_for_writeback(self) -> None:
+        if self.syncing is not None:
+            self.syncing.result()
+            self.syncing = None
 
 
 class DriverSink:
@@ -28,7 +47,8 @@ class DriverSink:
                 logger.attach(run_dir, resume_step=resume_step)
         # Committed checkpoints still on disk, oldest first; restarts resume from the newest.
         self._committed: list[str] = [resume_from] if resume_from else []
-        self._uploads: dict[str, tuple[str, Any]] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._writeback: ThreadPoolExecutor | None = None  # started with the first upload
         self._progress: list[Any] = []
         self._lock = threading.Lock()
         self.status = "running"
@@ -98,14 +118,26 @@ class DriverSink:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         token = uuid.uuid4().hex
         tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.upload-{token[:8]}")
-        self._uploads[token] = (path, open(tmp, "wb"))
+        self._uploads[token] = _Upload(path, open(tmp, "wb"))
+        if self._writeback is None:
+            self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylight-writeback")
         return token
 
-    def upload_chunk(self, token: str, data: bytes) -> None:
-        self._uploads[token][1].write(data)
+    def upload_chunk(self, token: str, data: Any) -> None:
+        """``data``: bytes, or a numpy byte array read from the object store without a copy."""
+        upload = self._uploads[token]
+        upload.handle.write(data)
+        upload.unsynced += len(data)
+        if upload.unsynced >= WRITEBACK_BYTES and (upload.syncing is None or upload.syncing.done()):
+            upload.wait_for_writeback()  # surfaces an error of the previous one
+            upload.handle.flush()
+            upload.syncing = self._writeback.submit(os.fdatasync, upload.handle.fileno())
+            upload.unsynced = 0
 
     def upload_commit(self, token: str, is_checkpoint: bool = True) -> str:
-        path, handle = self._uploads.pop(token)
+        upload = self._uploads.pop(token)
+        path, handle = upload.path, upload.handle
+        upload.wait_for_writeback()
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
@@ -122,11 +154,15 @@ class DriverSink:
         return path
 
     def upload_abort(self, token: str) -> None:
-        entry = self._uploads.pop(token, None)
-        if entry is not None:
-            entry[1].close()
+        upload = self._uploads.pop(token, None)
+        if upload is not None:
             try:
-                os.remove(entry[1].name)
+                upload.wait_for_writeback()  # before the file descriptor is closed under it
+            except OSError:
+                pass
+            upload.handle.close()
+            try:
+                os.remove(upload.handle.name)
             except FileNotFoundError:
                 pass
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
+import numpy as np
 import torch
 
 from launcher.ray.driver_sink import CHUNK_BYTES
@@ -63,26 +63,86 @@ class _LoggerStandIn:
         pass
 
 
-def upload_file(actor: Any, local_path: str, remote_path: str, is_checkpoint: bool) -> None:
-    """Stream a local file to ``remote_path`` on the driver in bounded chunks, committed atomically there."""
+class _ChunkStream:
+    """A write-only file that sends what is written to the sink actor in CHUNK_BYTES pieces.
+
+    At most UPLOAD_WINDOW chunks are in flight, so the object store holds a bounded part of a
+    checkpoint however large it is, and serialising the next chunk overlaps with the sink
+    writing the previous one.
+    """
+
+    def __init__(self, actor: Any, token: str):
+        self._actor, self._token = actor, token
+        self._buffer = bytearray()
+        self._pending: list[Any] = []
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = len(view)
+        if self._buffer:
+            take = min(CHUNK_BYTES - len(self._buffer), len(view))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == CHUNK_BYTES:
+                self._send(bytes(self._buffer))
+                self._buffer.clear()
+        while len(view) >= CHUNK_BYTES:
+            # Large tensors go out without passing through the buffer, as numpy views: Ray copies them
+            # into the object store once, and the sink writes them to disk from there without a copy.
+            self._send(np.frombuffer(view[:CHUNK_BYTES], dtype=np.uint8))
+            view = view[CHUNK_BYTES:]
+        if len(view):
+            self._buffer += view
+        return written
+
+    def flush(self) -> None:
+        pass  # chunks leave when full; finish() sends the rest
+
+    def _send(self, chunk: bytes | np.ndarray) -> None:
+        import ray
+
+        self._pending.append(self._actor.upload_chunk.remote(self._token, chunk))
+        if len(self._pending) >= UPLOAD_WINDOW:
+            ray.get(self._pending.pop(0))
+
+    def finish(self) -> None:
+        import ray
+
+        if self._buffer:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        ray.get(self._pending)
+        self._pending.clear()
+
+
+def upload(actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None]) -> None:
+    """Stream what ``write(file)`` writes to ``remote_path`` on the driver, in bounded chunks, committed atomically.
+
+    No local copy: ``torch.save``/``cloudpickle.dump`` write straight into the chunks, so a checkpoint
+    is serialised once and never written to, or read back from, this worker's disk.
+    """
     import ray
 
     token = ray.get(actor.upload_begin.remote(remote_path))
-    pending: list[Any] = []
     try:
-        with open(local_path, "rb") as f:
-            while True:
-                data = f.read(CHUNK_BYTES)
-                if not data:
-                    break
-                pending.append(actor.upload_chunk.remote(token, data))
-                if len(pending) >= UPLOAD_WINDOW:
-                    ray.get(pending.pop(0))
-        ray.get(pending)
+        stream = _ChunkStream(actor, token)
+        write(stream)
+        stream.finish()
         ray.get(actor.upload_commit.remote(token, is_checkpoint))
     except BaseException:
         actor.upload_abort.remote(token)
         raise
+
+
+def upload_file(actor: Any, local_path: str, remote_path: str, is_checkpoint: bool) -> None:
+    """Stream a local file to ``remote_path`` on the driver in bounded chunks, committed atomically there."""
+
+    def copy(stream: _ChunkStream) -> None:
+        with open(local_path, "rb") as f:
+            while data := f.read(CHUNK_BYTES):
+                stream.write(data)
+
+    upload(actor, remote_path, is_checkpoint, copy)
 
 
 def download_file(actor: Any, remote_path: str, local_path: str) -> None:
@@ -95,20 +155,14 @@ def download_file(actor: Any, remote_path: str, local_path: str) -> None:
 
 
 class RemoteCheckpointSink:
-    """Checkpoints go to a local temp file, then stream to the driver's run directory."""
+    """Checkpoints stream to the driver's run directory as ``torch.save`` writes them."""
 
     def __init__(self, actor: Any):
         self.actor = actor
 
     def save(self, checkpoint: dict[str, Any], path: str) -> None:
         check_weights_only_safe(checkpoint)
-        fd, tmp = tempfile.mkstemp(prefix="raylight-ckpt-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            upload_file(self.actor, tmp, path, is_checkpoint=True)
-        finally:
-            os.remove(tmp)
+        upload(self.actor, path, True, lambda stream: torch.save(checkpoint, stream))
 
     def remove(self, path: str) -> None:
         import ray
@@ -222,7 +276,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
         preemption_probe=_preemption_probe(strategy, job.preemption_check_seconds) if job.stage == "fit" else None,
     )
     if job.initial_progress is not None:
-        engine.continue_from(*job.initial_progress)
+        engine.current_epoch, engine.global_step = job.initial_progress
     _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
 
 
@@ -291,17 +345,7 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path:
         progress_bar_metrics=dict(engine.progress_bar_metrics),
         current_epoch=engine.current_epoch,
         global_step=engine.global_step,
-        batches_that_stepped=engine.fit_loop_batches_that_stepped,
         should_stop=engine.should_stop,
         callbacks={cb.state_key: cb.state_dict() for cb in engine.callbacks},
     )
-    buffer = io.BytesIO()
-    cloudpickle.dump(result, buffer)
-    fd, tmp = tempfile.mkstemp(prefix="raylight-result-")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-        upload_file(actor, tmp, result_path, is_checkpoint=False)
-    finally:
-        os.remove(tmp)
+    upload(actor, result_path, False, lambda stream: cloudpickle.dump(result, stream))
