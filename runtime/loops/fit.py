@@ -309,6 +309,7 @@ class FitLoop:
                 engine._run_validation()
                 engine._active_collector = self.collector
                 module.train()
+                self._report_training_progress(batch_idx + 1, budget)
             position = "after_val"
         if position == "after_val":
             self.position = "after_val"
@@ -335,6 +336,7 @@ class FitLoop:
             self._publish_epoch_metrics()
             hooks.on_train_epoch_end(monitoring=True)
         callback, log, pbar = self._publish_epoch_metrics()
+        self._report_training_progress(self.batches_done, engine.num_training_batches)
         engine._update_schedulers("epoch", self.batch_idx, plateau=True)
         engine._log_to_sink(log, step=max(self.batches_that_stepped - 1, 0))
         engine._active_collector = None
@@ -342,6 +344,15 @@ class FitLoop:
         engine.current_epoch += 1
         self.position = "epoch_start"
         self.batches_done = 0
+
+    def _report_training_progress(self, done: int, budget: int | float) -> None:
+        """The training bar's metrics after a validation and at the epoch's end (Lightning refreshes them there).
+
+        A copy: a per-batch update may have left for the driver (Ray) with the values from before.
+        """
+        engine = self.engine
+        if engine._wants_progress:
+            engine._report_progress(RunningStage.TRAINING, done, budget, dict(engine._progress_bar_metrics))
 
     def _publish_epoch_metrics(self):
         callback, log, pbar = self.collector.epoch_metrics()

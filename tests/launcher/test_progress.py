@@ -85,3 +85,55 @@ def test_number_formatting():
     assert _format_value(7) == "7"
     assert _format_value(1e-5) == "1e-5"
     assert _format_value(float("nan")) == "nan"
+
+
+class _CopyingSink:
+    """Hands the bar a pickled copy of each update, as the Ray path does (worker -> sink actor -> driver)."""
+
+    def __init__(self, bar: ProgressBar):
+        self.bar = bar
+
+    def log_metrics(self, metrics, step) -> None:
+        pass
+
+    def log_hyperparams(self, params) -> None:
+        pass
+
+    def progress(self, update: Progress) -> None:
+        self.bar.progress(pickle.loads(pickle.dumps(update)))
+
+    def finalize(self, status: str) -> None:
+        self.bar.finalize(status)
+
+
+def test_final_training_bar_shows_the_last_validations_metrics_when_updates_are_copies():
+    """Each epoch's validation logs val_acc = 0.5 + epoch/10: the last bar must show 0.700, not the epoch
+    before's 0.600 (the metrics its last training batch carried)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from runtime import LightningModule
+    from runtime.config import RunConfig
+    from runtime.engine import Engine
+
+    class Model(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", 0.5 + self.current_epoch / 10, prog_bar=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    stream = io.StringIO()
+    sink = _CopyingSink(ProgressBar(file=stream, mininterval=0))
+    engine = Engine(RunConfig(max_epochs=3, num_sanity_val_steps=0, enable_checkpointing=False), metrics_sink=sink)
+    data = DataLoader(torch.randn(8, 2), batch_size=4)
+    engine.fit(Model(), data, data)
+    frames = [f for f in stream.getvalue().replace("\r", "\n").splitlines() if f.startswith("Epoch 2")]
+    assert "val_acc=0.700" in frames[-1], frames[-1]
