@@ -6,6 +6,7 @@ validate and test on the same Trainer, ``resumed`` is the four fits of the resum
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import threading
@@ -18,7 +19,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import launcher.ray.job
-from launcher import Trainer
+from launcher import CSVLogger, TensorBoardLogger, Trainer
+from launcher.progress import _format_value
 from launcher.ray.backend import WorkerError
 from launcher.ray.job import UnpicklableJobError
 from runtime import LightningModule, ModelCheckpoint, seed_everything
@@ -61,7 +63,7 @@ class Regression(LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", F.mse_loss(self.net(x), y), sync_dist=True)
+        self.log("val_loss", F.mse_loss(self.net(x), y), sync_dist=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -113,9 +115,16 @@ def fitted(ray_cluster, tmp_path_factory, request):
     model = Regression()
     initial = _state(model)
     checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=2, save_last=True)
+    # The run directory's own TensorBoard files, plus loggers with a save_dir and no version: each picks the
+    # next free version once, for fit, validate and test together.
+    loggers = [
+        TensorBoardLogger(),
+        TensorBoardLogger(save_dir=str(root / "logs"), name="tb"),
+        CSVLogger(save_dir=str(root / "logs"), name="csv"),
+    ]
     trainer = Trainer(
         num_workers=WORKERS, address=ray_cluster, default_root_dir=str(root), run_name="fitted", max_epochs=EPOCHS,
-        log_every_n_steps=1, enable_progress_bar=False, callbacks=[checkpoint],
+        log_every_n_steps=1, callbacks=[checkpoint], logger=loggers,
     )
     _read_console(request)
     trainer.fit(
@@ -132,11 +141,14 @@ def fitted(ray_cluster, tmp_path_factory, request):
         "last_model_path": checkpoint.last_model_path,
         "best_k_models": dict(checkpoint.best_k_models),
     }
-    validated = trainer.validate(model, DataLoader(val, batch_size=VAL_BATCH), verbose=False)
+    # last.ckpt was saved in epoch 1: its weights are the fitted ones, its epoch is not the fitted current_epoch.
+    validated = trainer.validate(model, DataLoader(val, batch_size=VAL_BATCH), verbose=False, ckpt_path="last")
+    counters = {"validate": (trainer.current_epoch, trainer.global_step)}
     tested = trainer.test(model, DataLoader(val, batch_size=VAL_BATCH), verbose=False)
+    counters["test"] = (trainer.current_epoch, trainer.global_step)
     return dict(
         root=root, run_dir=root / "fitted", trainer=trainer, model=model, initial=initial, train=train, val=val,
-        after_fit=after_fit, validated=validated, tested=tested,
+        after_fit=after_fit, validated=validated, tested=tested, counters=counters, loggers=loggers,
         console=console,
     )
 
@@ -257,11 +269,41 @@ def test_validate_and_test_after_fit_return_one_dict_per_dataloader(fitted):
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_driver_console_has_no_ray_internals(fitted):
+def test_driver_console_shows_the_final_metrics_and_no_ray_internals(fitted):
     if fitted["console"] is None:
         pytest.skip("reads the console through pytest's output capture, which -s turns off")
     noise = _ray_noise(fitted["console"])
     assert not noise, "Ray's own logs reached the driver's console:\n" + "\n".join(noise[:20])
+    # The last training bar shows the last validation's val_loss, not the one its last batch carried.
+    frames = [f for f in fitted["console"].replace("\r", "\n").splitlines() if f.startswith(f"Epoch {EPOCHS - 1}")]
+    final = _format_value(fitted["after_fit"]["callback_metrics"]["val_loss"])
+    assert frames and f"val_loss={final}" in frames[-1], frames[-1:]
+
+
+def test_evaluate_after_fit_keeps_the_fits_counters_logger_step_and_logger_version(fitted):
+    """As one Lightning Trainer: validate(ckpt_path="last") and test() after fit keep the fitted epoch and step,
+    log at the fit's last logger step, and a logger with save_dir but no version writes all three stages into
+    the one version its log_dir names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = EPOCHS * STEPS_PER_EPOCH
+    assert fitted["counters"] == {"validate": (EPOCHS, steps), "test": (EPOCHS, steps)}
+    _, tensorboard, csv_logger = fitted["loggers"]
+    for logger, name in ((tensorboard, "tb"), (csv_logger, "csv")):
+        assert sorted(os.listdir(fitted["root"] / "logs" / name)) == ["version_0"], name
+        assert logger.log_dir == str(fitted["root"] / "logs" / name / "version_0"), name
+    events = EventAccumulator(tensorboard.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("step_mean")] == list(range(steps))
+    assert [e.step for e in events.Scalars("test_loss")] == [steps]
+    assert [e.step for e in events.Scalars("val_loss")][-1] == steps  # the fit's are earlier; validate()'s last
+    assert [e.value for e in events.Scalars("test_loss")] == pytest.approx([fitted["tested"][0]["test_loss"]])
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], float(r["test_loss"])) for r in rows if r["test_loss"]] == [
+        (str(steps), pytest.approx(fitted["tested"][0]["test_loss"]))
+    ]
+    assert {r["step"] for r in rows if r["step_mean"]} == {str(s) for s in range(steps)}
 
 
 # ============================================================== resume
