@@ -276,7 +276,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
         preemption_probe=_preemption_probe(strategy, job.preemption_check_seconds) if job.stage == "fit" else None,
     )
     if job.initial_progress is not None:
-        engine.current_epoch, engine.global_step = job.initial_progress
+        engine.continue_from(*job.initial_progress)
     _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
 
 
@@ -345,6 +345,7 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path:
         progress_bar_metrics=dict(engine.progress_bar_metrics),
         current_epoch=engine.current_epoch,
         global_step=engine.global_step,
+        batches_that_stepped=engine.fit_loop_batches_that_stepped,
         should_stop=engine.should_stop,
         callbacks={cb.state_key: cb.state_dict() for cb in engine.callbacks},
     )
