@@ -11,8 +11,9 @@ Where files go (``log_dir``):
   it, or into ``<run dir>/<name>/<version>`` when ``name``/``version`` are
   given (to keep two loggers of one kind apart).
 - ``save_dir`` given: files go to ``<save_dir>/<name>/<version>`` as in
-  Lightning, where ``version=None`` picks the next free ``version_N`` and an
-  int ``N`` means ``version_N``.
+  Lightning, where ``version=None`` picks the next free ``version_N`` (once:
+  the first time the logger is used or copied, then it keeps it) and an int
+  ``N`` means ``version_N``.
 
 A logger opens no file until it first writes, so it can be pickled (and
 shipped with the job) before :meth:`attach`; pickling drops open writers,
