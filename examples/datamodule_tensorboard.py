@@ -12,10 +12,10 @@ the download), ``setup(stage)`` builds the train/val/test splits on every rank, 
 ``*_dataloader`` hooks hand them out. The Trainer gets ``datamodule=``, never a DataLoader.
 
 The logger is built explicitly, as in Lightning: ``TensorBoardLogger(save_dir=<root>/tb_logs,
-name="digits_cnn")`` writes ``<root>/tb_logs/digits_cnn/version_N/`` (the next free N on each run), on
+name="digits_cnn")`` writes ``<root>/tb_logs/digits_cnn/version_N/`` (the next free N, picked once), on
 this machine even when the workers run elsewhere: their metric rows reach the driver through Ray. Train
-and validation curves, the learning rate (``LearningRateMonitor``), the test metrics and the model's
-hyperparameters (HPARAMS tab) all land there. Checkpoints stay in the run directory
+and validation curves, the learning rate (``LearningRateMonitor``), the test metrics and the model's and
+the datamodule's hyperparameters, merged as Lightning does (HPARAMS tab), all land there. Checkpoints stay in the run directory
 ``<root>/<run name>/checkpoints/`` and hold both hyperparameter sets (``hyper_parameters``,
 ``datamodule_hyper_parameters``); ``trainer.test(ckpt_path="best")`` evaluates the best one on the test
 split.
@@ -142,13 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=5,
         callbacks=[ModelCheckpoint(monitor="val_acc", mode="max", save_last=True), LearningRateMonitor("epoch")],
     )
-    # log_dir picks the next free version_N now, once, so that fit and test write into the same one. (On Ray,
-    # a version left unresolved is picked again by each run: fit and test would land in different versions.)
-    print(f"logging to {logger.log_dir}")
     datamodule = DigitsDataModule(data_dir=args.data_dir)
     model = DigitsCNN()
     trainer.fit(model, datamodule=datamodule)
-    epochs = trainer.current_epoch
+    epochs = trainer.current_epoch  # test() keeps the fitted counters, as in Lightning
     # The best checkpoint by val_acc, not the last weights, on the split no decision has looked at.
     results = trainer.test(model, datamodule=datamodule, ckpt_path=None if args.fast_dev_run else "best")
 

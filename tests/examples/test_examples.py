@@ -163,7 +163,9 @@ def test_datamodule_example_fits_tests_and_writes_tensorboard_logs(tmp_path):
     assert abs(last_value(events, "test_acc") - test_acc) < 1e-3, "TensorBoard holds the printed test accuracy"
     assert test_acc > 0.8, f"two epochs of the CNN should pass 80% test accuracy, got {test_acc}"
     (hparams,) = events.Tensors("hparams/text_summary")
-    assert hparams.tensor_proto.string_val[0].decode().endswith("|channels|16|\n|lr|0.003|")
+    table = hparams.tensor_proto.string_val[0].decode()  # the module's and the datamodule's, as in Lightning
+    for row in ("|channels|16|", "|lr|0.003|", f"|data_dir|{data_dir}|", "|batch_size|64|"):
+        assert row in table, (row, table)
 
     best = torch.load(printed(out, "best checkpoint:"), weights_only=True)
     assert best["hyper_parameters"] == {"channels": 16, "lr": 3e-3}
