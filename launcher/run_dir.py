@@ -56,6 +56,14 @@ class RunDir:
             record.setdefault("driver", {"host": socket.gethostname(), "pid": os.getpid()})
         _write_json(os.path.join(self.path, "status.json"), record)
 
+    def record_checkpoint(self, path: str, epoch: int, global_step: int) -> None:
+        """A checkpoint was committed: `raylight ls` shows a running (or dead) run's progress from it."""
+        record = self.read_status()
+        if record.get("status", "running") != "running":
+            return  # a late commit must not overwrite an end status
+        record.update(epoch=epoch, global_step=global_step, last_checkpoint=path, updated=time.time())
+        _write_json(os.path.join(self.path, "status.json"), record)
+
     def shown_status(self) -> str:
         """The status for a person: "running" of a driver that no longer exists on this host is "preempted"."""
         record = self.read_status()

@@ -324,7 +324,7 @@ class Trainer:
             self.spec.to_run_config(self.run_dir.path),
             callbacks=self.callbacks,
             metrics_sink=FanOutMetricsSink(sinks),
-            checkpoint_sink=LocalCheckpointSink(),
+            checkpoint_sink=_RunDirCheckpointSink(self.run_dir),
             loggers=self.loggers,
         )
         if keep_progress and previous is not None:
@@ -446,3 +446,14 @@ def _print_results(results: list[dict[str, float]], title: str) -> None:
         if i == 0:
             print(rule)
     print(rule)
+
+
+class _RunDirCheckpointSink(LocalCheckpointSink):
+    """Writes checkpoints atomically and notes each in the run's status.json (in-process runs)."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+
+    def save(self, checkpoint: dict[str, Any], path: str) -> None:
+        super().save(checkpoint, path)
+        self.run_dir.record_checkpoint(path, int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))

@@ -134,7 +134,7 @@ class DriverSink:
             upload.syncing = self._writeback.submit(os.fdatasync, upload.handle.fileno())
             upload.unsynced = 0
 
-    def upload_commit(self, token: str, is_checkpoint: bool = True) -> str:
+    def upload_commit(self, token: str, is_checkpoint: bool = True, progress: dict | None = None) -> str:
         upload = self._uploads.pop(token)
         path, handle = upload.path, upload.handle
         upload.wait_for_writeback()
@@ -151,6 +151,10 @@ class DriverSink:
             if path in self._committed:
                 self._committed.remove(path)
             self._committed.append(path)
+            if progress is not None:
+                from launcher.run_dir import RunDir
+
+                RunDir(self.run_dir).record_checkpoint(path, progress["epoch"], progress["global_step"])
         return path
 
     def upload_abort(self, token: str) -> None:

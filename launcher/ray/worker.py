@@ -115,7 +115,9 @@ class _ChunkStream:
         self._pending.clear()
 
 
-def upload(actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None]) -> None:
+def upload(
+    actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
+) -> None:
     """Stream what ``write(file)`` writes to ``remote_path`` on the driver, in bounded chunks, committed atomically.
 
     No local copy: ``torch.save``/``cloudpickle.dump`` write straight into the chunks, so a checkpoint
@@ -128,7 +130,7 @@ def upload(actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[A
         stream = _ChunkStream(actor, token)
         write(stream)
         stream.finish()
-        ray.get(actor.upload_commit.remote(token, is_checkpoint))
+        ray.get(actor.upload_commit.remote(token, is_checkpoint, progress))
     except BaseException:
         actor.upload_abort.remote(token)
         raise
@@ -162,7 +164,8 @@ class RemoteCheckpointSink:
 
     def save(self, checkpoint: dict[str, Any], path: str) -> None:
         check_weights_only_safe(checkpoint)
-        upload(self.actor, path, True, lambda stream: torch.save(checkpoint, stream))
+        progress = {"epoch": int(checkpoint.get("epoch", 0)), "global_step": int(checkpoint.get("global_step", 0))}
+        upload(self.actor, path, True, lambda stream: torch.save(checkpoint, stream), progress)
 
     def remove(self, path: str) -> None:
         import ray
