@@ -21,7 +21,7 @@ from runtime.strategy import Strategy
 
 # Progress updates are cheap to make and costly to send: at most this many per second cross to the driver.
 PROGRESS_PER_SECOND = 5.0
-# Chunks in flight per upload: bounds the memory a checkpoint occupies in the object store.
+# Chunks in flight per upload or download: bounds the memory a checkpoint occupies in the object store.
 UPLOAD_WINDOW = 2
 
 
@@ -148,12 +148,38 @@ def upload_file(actor: Any, local_path: str, remote_path: str, is_checkpoint: bo
 
 
 def download_file(actor: Any, remote_path: str, local_path: str) -> None:
+    """Copy ``remote_path`` from the driver's node in chunks, UPLOAD_WINDOW of them requested ahead.
+
+    Asking for the next chunks before writing the current one hides the round trip to the sink
+    actor, which otherwise costs as much as the copy itself.
+    """
     import ray
 
     size = ray.get(actor.file_size.remote(remote_path))
+    pending: list[Any] = []
     with open(local_path, "wb") as f:
         for offset in range(0, size, CHUNK_BYTES):
-            f.write(ray.get(actor.read_chunk.remote(remote_path, offset, CHUNK_BYTES)))
+            pending.append(actor.read_chunk.remote(remote_path, offset, CHUNK_BYTES))
+            if len(pending) > UPLOAD_WINDOW:
+                f.write(ray.get(pending.pop(0)))
+        for ref in pending:
+            f.write(ray.get(ref))
+
+
+def _sees_same_file(actor: Any, remote_path: str) -> bool:
+    """Whether ``remote_path`` here is the very file the driver's node has there (same device, inode, size, mtime).
+
+    True for a worker on the driver's node; on another node the path is absent or another file, and the
+    checkpoint is copied through Ray instead.
+    """
+    import ray
+
+    try:
+        here = os.stat(remote_path)
+    except OSError:
+        return False
+    ours = (here.st_dev, here.st_ino, here.st_size, here.st_mtime_ns)
+    return ours == tuple(ray.get(actor.file_identity.remote(remote_path)))
 
 
 class RemoteCheckpointSink:
@@ -258,7 +284,9 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
     resume_from = ray.get(actor.begin_attempt.remote(rank))
 
     checkpoint = None
-    if resume_from is not None:
+    if resume_from is not None and _sees_same_file(actor, resume_from):
+        checkpoint = load_checkpoint(resume_from)  # this worker is on the driver's node: no copy needed
+    elif resume_from is not None:
         fd, tmp = tempfile.mkstemp(prefix="raylight-resume-", suffix=".pt")
         os.close(fd)
         try:

@@ -1,0 +1,226 @@
+"""Per-step time on 1 and 2 Ray Train workers: raylight vs the same loop hand-written with Ray Train.
+
+    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 400] [--json out.json] [--plot scaling.png]
+
+Needs matplotlib for the plot (``pip install matplotlib``; without it the
+figures are printed and no PNG is written).
+
+Workload, identical in both variants: an MLP 128-512-512-10 (cross-entropy,
+SGD lr 0.01), batch 128 per worker, random data sharded with a
+``DistributedSampler``, DDP over gloo, on CPU, ``--steps`` steps per worker,
+no validation, no checkpoints, no logger.
+
+- ``raylight``: ``launcher.Trainer(num_workers=N, max_steps=steps,
+  logger=False, enable_checkpointing=False, enable_progress_bar=False)``;
+  ``training_step`` also calls ``self.log("train_loss", loss)`` as a module
+  usually does.
+- ``handwritten``: ``ray.train.torch.TorchTrainer`` running
+  ``prepare_model``/``prepare_data_loader`` and a plain loop
+  (``zero_grad``, forward, loss, ``backward``, ``step``).
+
+What is timed: on rank 0, the wall time from the start of step
+``--warmup`` to the start of the last step, divided by the steps in between
+(steady state; start-up is measured by ``bench_ray_job.py``). Each variant
+and worker count runs as its own Python process against one Ray head
+started here, interleaved round by round; the median is reported with the
+range. Goal: raylight within 5% of the hand-written loop at every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+COMMON = r'''
+import json, os, sys, time
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+VARIANT, WORKERS, STEPS, WARMUP, ADDRESS, OUT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+BATCH = 128
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    n = WORKERS * STEPS * BATCH
+    return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
+STAMPS = os.path.join(OUT, "stamps.json")
+def write_stamps(stamps):
+    with open(STAMPS, "w") as f:
+        json.dump(stamps, f)
+'''
+
+RAYLIGHT = COMMON + r'''
+from launcher import Trainer
+from runtime import LightningModule
+
+class Model(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = net()
+        self.stamps = []
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 0:
+            self.stamps.append(time.perf_counter())
+        loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+    def on_train_end(self):
+        if self.global_rank == 0:
+            write_stamps(self.stamps)
+
+trainer = Trainer(max_steps=STEPS, num_workers=WORKERS, address=ADDRESS, default_root_dir=OUT, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+trainer.fit(Model(), DataLoader(dataset(), batch_size=BATCH))
+assert trainer.global_step == STEPS, trainer.global_step
+'''
+
+HANDWRITTEN = COMMON + r'''
+import ray, ray.train, ray.train.torch
+
+def loop(config):
+    model = ray.train.torch.prepare_model(net())
+    loader = ray.train.torch.prepare_data_loader(DataLoader(dataset(), batch_size=BATCH))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rank = ray.train.get_context().get_world_rank()
+    stamps = []
+    model.train()
+    for step, (x, y) in enumerate(loader):
+        if step >= STEPS:
+            break
+        if rank == 0:
+            stamps.append(time.perf_counter())
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    if rank == 0:
+        write_stamps(stamps)
+
+ray.init(address=ADDRESS, log_to_driver=False)
+ray.train.torch.TorchTrainer(
+    loop, scaling_config=ray.train.ScalingConfig(num_workers=WORKERS),
+    run_config=ray.train.RunConfig(storage_path=OUT, name="handwritten"),
+).fit()
+'''
+
+VARIANTS = {"raylight": RAYLIGHT, "handwritten": HANDWRITTEN}
+
+
+def _plot(rows: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    workers = sorted({row["workers"] for row in rows})
+    width = 0.35
+    for i, variant in enumerate(VARIANTS):
+        xs = [w + (i - 0.5) * width for w in workers]
+        cells = [next(r for r in rows if r["workers"] == w and r["variant"] == variant) for w in workers]
+        meds = [c["ms_per_step"] for c in cells]
+        err = [[m - c["ms_per_step_min"] for m, c in zip(meds, cells)], [c["ms_per_step_max"] - m for m, c in zip(meds, cells)]]
+        left.bar(xs, meds, width, yerr=err, capsize=4, label=variant)
+    left.set_xticks(workers)
+    left.set_xlabel("Ray Train workers (CPU, gloo)")
+    left.set_ylabel("ms per step (median, range over rounds)")
+    left.set_title("per-step time")
+    left.legend()
+    ratios = [next(r for r in rows if r["workers"] == w and r["variant"] == "raylight")["ratio_vs_handwritten"]
+              for w in workers]
+    right.plot(workers, ratios, "o-", label="raylight / hand-written")
+    right.axhline(1.05, color="red", linestyle="--", label="goal: 1.05")
+    right.axhline(1.0, color="gray", linewidth=0.8)
+    right.set_xticks(workers)
+    right.set_ylim(0.8, max(1.2, max(ratios) + 0.05))
+    right.set_xlabel("Ray Train workers (CPU, gloo)")
+    right.set_title("ratio")
+    right.legend()
+    fig.suptitle("raylight vs a hand-written Ray Train loop: MLP 128-512-512-10, batch 128 per worker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _ray_head import machine, ray_head, run_child
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=50, help="steps not timed at the start")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PNG", default="scaling.png")
+    args = parser.parse_args(argv)
+    sizes = [int(w) for w in args.workers.split(",") if w]
+    cells = [(w, v) for w in sizes for v in VARIANTS]
+    per_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
+        scripts = {}
+        for name, source in VARIANTS.items():
+            scripts[name] = os.path.join(scratch, f"{name}.py")
+            with open(scripts[name], "w") as f:
+                f.write(f"import sys\nsys.path.insert(0, {repo!r})\n" + source)
+        for r in range(args.rounds):
+            shift = r % len(cells)
+            for workers, variant in cells[shift:] + cells[:shift]:
+                with tempfile.TemporaryDirectory(dir=scratch) as out:
+                    run_child([scripts[variant], variant, str(workers), str(args.steps), str(args.warmup),
+                               head.address, out])
+                    with open(os.path.join(out, "stamps.json")) as f:
+                        stamps = json.load(f)
+                timed = stamps[args.warmup:]
+                per_step[(workers, variant)].append((timed[-1] - timed[0]) / (len(timed) - 1))
+                print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step",
+                      file=sys.stderr, flush=True)
+
+    rows = []
+    for workers, variant in cells:
+        xs = per_step[(workers, variant)]
+        base = statistics.median(per_step[(workers, "handwritten")])
+        paired = [a / b for a, b in zip(xs, per_step[(workers, "handwritten")])]
+        rows.append({"workers": workers, "variant": variant, "ms_per_step": statistics.median(xs) * 1e3,
+                     "ms_per_step_min": min(xs) * 1e3, "ms_per_step_max": max(xs) * 1e3,
+                     "ms_per_step_runs": [x * 1e3 for x in xs], "ratio_vs_handwritten": statistics.median(xs) / base,
+                     "ratio_paired_runs": paired})
+    note = _plot(rows, args.plot) if args.plot else None
+
+    info = machine()
+    print(f"\nscaling: MLP 128-512-512-10, batch 128 per worker, steps {args.warmup}..{args.steps} timed on rank 0, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"machine: {info['cpu']}, {info['logical_cpus']} CPUs | python {info['python']} | torch {info['torch']} | "
+          f"ray {info['ray']}")
+    header = f"{'workers':>7} | {'hand-written ms/step (runs)':>32} | {'raylight ms/step (runs)':>32} | ratio (paired runs)"
+    print(header)
+    print("-" * len(header))
+    for workers in sizes:
+        hand = next(r for r in rows if r["workers"] == workers and r["variant"] == "handwritten")
+        ray_row = next(r for r in rows if r["workers"] == workers and r["variant"] == "raylight")
+        fmt = lambda row: f"{row['ms_per_step']:.2f} ({', '.join(f'{t:.2f}' for t in row['ms_per_step_runs'])})"
+        print(f"{workers:>7} | {fmt(hand):>32} | {fmt(ray_row):>32} | {ray_row['ratio_vs_handwritten']:.3f}x "
+              f"({', '.join(f'{p:.3f}' for p in ray_row['ratio_paired_runs'])})")
+    print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
+    print(note or f"plot: {os.path.abspath(args.plot)}")
+    result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+              "machine": info, "results": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
