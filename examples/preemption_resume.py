@@ -12,7 +12,8 @@ What it does, in four steps (all under ``<root>/preemption-<time>/``):
 2. ``preempted``: the same training (same seed, same data, same arguments) in a child process that is
    SIGKILLed once it has committed the step-``--kill-after-step`` checkpoint, mid-epoch. Nothing in the
    child gets a chance to clean up, as when a spot machine disappears; its ``status.json`` still says
-   ``running`` (``raylight ls`` shows it). In-process runs (the default) do 1 and 2 side by side.
+   ``running``, with the step of the newest committed checkpoint, and ``raylight ls`` shows it as
+   ``preempted`` (its driver is gone). In-process runs (the default) do 1 and 2 side by side.
 3. The run is finished from its run directory alone: ``raylight resume <run dir>`` reads ``spec.json``,
    the signed job file and ``checkpoints/last.ckpt``, and continues where the checkpoint stopped (the
    steps after it are recomputed). ``--resume-with fit`` instead reruns the training script with

@@ -187,7 +187,7 @@ def test_preemption_walkthrough_resumes_to_the_uninterrupted_weights(tmp_path):
     # The driver really died after its step-30 checkpoint, before finishing: no line of its own says so.
     assert "finished" not in (walk / "preempted.log").read_text()
     assert (preempted / "checkpoints" / "epoch=1-step=30.ckpt").is_file()
-    assert "RUN" in out and re.search(r"preempted\s+running", out), "raylight ls showed the dead run"
+    assert "RUN" in out and re.search(r"preempted\s+preempted\s+\d+\s+\d+\s", out), "raylight ls showed the dead run"
     assert f"resuming preempted from {preempted / 'checkpoints' / 'last.ckpt'}" in (walk / "resume.log").read_text()
 
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
