@@ -17,6 +17,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 import urllib.parse
 import uuid
 from typing import Any, Callable
@@ -25,6 +26,7 @@ SUBMISSION_ENV = "RAYLIGHT_SUBMISSION_ID"
 PUBLISH_DIR = "raylight"  # under the Ray log directory of the node that runs the job's script
 CHUNK_BYTES = 1 << 20
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0  # how long to retry a submission that a just-started head refuses for want of a job agent
 
 
 class SubmitError(RuntimeError):
@@ -128,8 +130,18 @@ def submit(
         "py_modules": [os.path.dirname(runtime.__file__), os.path.dirname(launcher.__file__)],
         "env_vars": {**(env or {}), SUBMISSION_ENV: submission_id},
     }
-    job_id = jobs.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, submission_id=submission_id)
-    return jobs, job_id
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(
+                entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, submission_id=submission_id
+            )
+            return jobs, job_id
+        except RuntimeError as err:
+            # A head that has just started serves the dashboard before its job agent has registered.
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def follow(jobs, job_id: str, write: Callable[[str], Any] = sys.stdout.write) -> str:
@@ -145,8 +157,6 @@ def follow(jobs, job_id: str, write: Callable[[str], Any] = sys.stdout.write) ->
 
 def wait(jobs, job_id: str, timeout_s: float = 60.0) -> str:
     """The job's status once terminal (the log stream may close a moment before the status settles)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while True:
         status = jobs.get_job_status(job_id).value

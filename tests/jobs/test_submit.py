@@ -54,10 +54,12 @@ def dashboard(work_dir):
         ray.init(num_cpus=1, include_dashboard=False)  # writes the token `ray start` then requires
         ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="rlj-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port, agent_port, agent_grpc_port = (_free_port() for _ in range(4))
     command = (
         f"mount -t tmpfs tmpfs {work_dir} && exec {RAY} start --head --port={port} --node-ip-address=127.0.0.1 "
         f"--dashboard-host=127.0.0.1 --dashboard-port={dashboard_port} --include-dashboard=true --num-cpus=4 "
+        # Jobs go through the node's dashboard agent: its default port may be held by another Ray on this machine.
+        f"--dashboard-agent-listen-port={agent_port} --dashboard-agent-grpc-port={agent_grpc_port} "
         f"--disable-usage-stats --temp-dir={temp_dir} --block"
     )
     log = open(os.path.join(temp_dir, "head.log"), "w")
