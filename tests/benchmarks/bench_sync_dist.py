@@ -2,7 +2,7 @@
 
 Run it as a script (pytest does not collect ``bench_*.py``)::
 
-    python tests/benchmarks/bench_sync_dist.py [--steps 400] [--rounds 5] [--metrics 0,1,10,20,100] [--json out.json]
+    python tests/benchmarks/bench_sync_dist.py [--steps 200] [--rounds 3] [--metrics 0,1,10,20,100] [--json out.json]
 
 Workload, the same for both frameworks: an MLP 32-64-10 (cross-entropy, SGD),
 batch 32 per rank, 2 CPU ranks (torch.distributed gloo, one thread each),
@@ -31,6 +31,11 @@ is what one ``all_gather`` of K float64 values costs between the two rank
 processes, measured right after each run: the floor for any per-step sync on
 this machine at that moment (it grows a lot when other processes compete for
 the cores, because both ranks must be scheduled to meet).
+
+"collector alone" is raylight's own per-step work for K synced metrics
+(the ``log`` calls, the packed reduction, reading the step's values) with the
+collective replaced by a local copy, timed in the benchmark process: the part
+of the added time that is not the collective or the wait for the other rank.
 
 Collectives are counted in the rank processes by wrapping the
 ``torch.distributed`` functions (``all_reduce``, ``all_gather``,
@@ -200,6 +205,41 @@ def _rank_main(rank: int, framework: str, n_metrics: int, steps: int, port: int,
     dist.destroy_process_group()
 
 
+# ------------------------------------------------- the collector alone, in this process
+def collector_cost_ms(n_metrics: int, iterations: int = 2000) -> float:
+    """raylight's own per-step work for ``n_metrics`` synced values, with the collective replaced by a copy.
+
+    ``n_metrics`` ``log`` calls, the step's reduction (``sync_step``) and reading the step's values
+    (``step_metrics``), as the fit loop does on every rank of a distributed run, in one process:
+    what is left of the added time per step once the collective and the wait for the other rank are
+    taken out.
+    """
+    from runtime.logging.collector import MetricCollector
+
+    collector = MetricCollector(lambda packed: torch.stack([packed] * WORLD_SIZE), training=True)
+    collector.begin("training_step", batch=(torch.zeros(BATCH, 32),))
+    loss = torch.tensor(1.5, requires_grad=True) * 2
+    names = [f"metric_{i}" for i in range(n_metrics)]
+    options = dict(prog_bar=False, logger=True, on_step=None, on_epoch=None, reduce_fx="mean", enable_graph=False,
+                   sync_dist=True, add_dataloader_idx=True, batch_size=None, rank_zero_only=False)
+
+    def step() -> None:
+        for name in names:
+            collector.log(name, loss, **options)
+        collector.sync_step()
+        collector.step_metrics()
+
+    for _ in range(iterations // 10):
+        step()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(iterations // 5):
+            step()
+        times.append((time.perf_counter() - start) / (iterations // 5))
+    return min(times) * 1e3
+
+
 # ---------------------------------------------------------------- driver side
 def _free_port() -> int:
     with socket.socket() as s:
@@ -242,13 +282,21 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--metrics", default="0,1,10,20,100", help="comma-separated metric counts (0 is added)")
     parser.add_argument("--frameworks", default="raylight,lightning")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--collector-only", action="store_true",
+                        help="only measure raylight's collector in this process (seconds, no ranks)")
     args = parser.parse_args(argv)
     counts = sorted({0, *(int(k) for k in args.metrics.split(",") if k)})
+    torch.set_num_threads(1)
+    collector_ms = {k: collector_cost_ms(k) for k in counts}
+    if args.collector_only:
+        print("raylight's collector alone (log + sync_step + step_metrics, collective stubbed), ms per step: "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
+        return {"collector_ms_per_step": collector_ms}
     frameworks = [f for f in args.frameworks.split(",") if f]
     cells = [(f, k) for f in frameworks for k in counts]
 
@@ -286,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "added_ms_per_step_paired": statistics.median(paired),
                 "added_ms_per_step_paired_range": [min(paired), max(paired)],
                 "bare_all_gather_ms": statistics.median(x["bare_all_gather"] for x in xs) * 1e3,
+                "collector_only_ms_per_step": collector_ms[k] if framework == "raylight" else None,
                 "cpu_added_ms_per_step": (statistics.median(x["cpu"] for x in xs) - base_cpu) / args.steps * 1e3,
                 "collectives_per_step": sum(collectives.values()),
                 "collectives_by_name_per_step": collectives,
@@ -326,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nadded time per step, raylight / Lightning: " + ", ".join(
             f"{k}: {by_cell[('raylight', k)]['added_ms_per_step_paired']:.3f} / "
             f"{by_cell[('lightning', k)]['added_ms_per_step_paired']:.3f} ms" for k in counts if k))
+    print("raylight's collector alone (log + sync_step + step_metrics, collective stubbed, in one process), "
+          "ms per step: " + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
     if ("raylight", 20) in by_cell:
         row = by_cell[("raylight", 20)]
         base_collectives = by_cell[("raylight", 0)]["collectives_per_step"]
