@@ -226,6 +226,7 @@ class FitLoop:
         run_automatic, run_manual = engine._automatic.run, engine._manual.run
         has_schedulers = bool(engine.lr_scheduler_configs)
         probe = engine._preemption_probe
+        distributed = engine.strategy.is_distributed
         while not self._batch_loop_done(batch_idx, budget):
             try:
                 batch = next(iterator)
@@ -249,7 +250,16 @@ class FitLoop:
                 engine._update_schedulers("step", batch_idx, plateau=False)
                 if is_last:
                     engine._update_schedulers("epoch", batch_idx, plateau=False)
-            collector.sync_step()
+            if not distributed:
+                collector.sync_step()
+            else:
+                # on_train_batch_end reads this step's values (their last reduction for sync_dist ones), as
+                # in Lightning; in one process callback_metrics are read lazily instead.
+                if self._step_values_due(batch_idx, is_last, should_accumulate):
+                    collector.sync_step()
+                callback, _, pbar = collector.step_metrics()
+                engine._callback_metrics.update(callback)
+                engine._progress_bar_metrics.update(pbar)
             self.position = "batch_end"
             hooks.on_train_batch_end(outputs, batch, batch_idx)
             self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
@@ -259,6 +269,32 @@ class FitLoop:
                 engine._save_preemption_checkpoint()
         del iterator
         self._finish_epoch(resume_after_callbacks=False)
+
+    def _logger_step_due(self) -> bool:
+        """Whether the logger writes this optimizer step's values (``log_every_n_steps``)."""
+        config = self.engine.config
+        log_every = config.log_every_n_steps
+        return bool(config.fast_dev_run) or (
+            log_every > 0 and ((self.batches_that_stepped + 1) % log_every == 0 or self.engine.should_stop)
+        )
+
+    def _step_values_due(self, batch_idx: int, is_last: bool, should_accumulate: bool) -> bool:
+        """Whether a distributed run reduces this step's ``sync_dist`` values before ``on_train_batch_end``.
+
+        A reduction is a collective that both ranks wait for (~2 ms on 2 CPU processes), so step values are
+        reduced where something reads them: the logger's steps, the epoch's last step, before validation
+        and where a ``ModelCheckpoint`` saves on a step schedule; in between, ``callback_metrics`` and the
+        progress bar keep each value's last reduction. Every rank decides the same, from counters alone.
+        """
+        if is_last or self._max_steps_reached() or self._should_check_val(batch_idx, is_last):
+            return True
+        if should_accumulate:
+            return False
+        engine = self.engine
+        step = engine.global_step
+        return self._logger_step_due() or any(
+            cb._every_n_train_steps >= 1 and step % cb._every_n_train_steps == 0 for cb in engine.checkpoint_callbacks
+        )
 
     def _batch_loop_done(self, batch_idx: int, budget: int | float) -> bool:
         return batch_idx + 1 >= budget or self._max_steps_reached() or (
@@ -282,15 +318,12 @@ class FitLoop:
             should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
         if position == "batch_end":
             collector = self.collector
-            collector.sync_step()
-            log_now = False
-            if not should_accumulate:
-                log_every = engine.config.log_every_n_steps
-                log_now = bool(engine.config.fast_dev_run) or (
-                    log_every > 0 and ((self.batches_that_stepped + 1) % log_every == 0 or engine.should_stop)
-                )
+            log_now = not should_accumulate and self._logger_step_due()
+            check_val = self._should_check_val(batch_idx, is_last)
+            if log_now or check_val or not engine.strategy.is_distributed:
+                collector.sync_step()  # a no-op when on_train_batch_end's step was already due
             # In one process callback_metrics are read lazily; across ranks every step publishes its
-            # synced values so that all ranks see the same callback_metrics.
+            # values (sync_dist ones as of their last reduction) so that all ranks see the same ones.
             if log_now or engine._wants_progress or engine.strategy.is_distributed:
                 callback, log, pbar = collector.step_metrics()
                 engine._callback_metrics.update(callback)
@@ -300,7 +333,7 @@ class FitLoop:
                     engine._log_to_sink(log, step=self.batches_that_stepped)
                 if engine._wants_progress:
                     engine._report_progress(RunningStage.TRAINING, batch_idx + 1, budget, engine._progress_bar_metrics)
-            if self._should_check_val(batch_idx, is_last):
+            if check_val:
                 if not should_accumulate:
                     module.on_validation_model_zero_grad()
                 engine._active_collector = None
@@ -323,6 +356,7 @@ class FitLoop:
         hooks = engine.hooks
         engine._active_collector = self.collector
         if not resume_after_callbacks:
+            self.collector.sync_step()  # pending when the loop stopped early (should_stop)
             callback, log, pbar = self.collector.step_metrics()  # the last step's values, published once
             engine._callback_metrics.update(callback)
             engine._logged_metrics.update(log)

@@ -347,6 +347,62 @@ def collective_count_worker(rank: int, out_dir: str, metric_counts: list[int]) -
     save_result(out_dir, "collectives", rank, result)
 
 
+DEFERRED_BATCHES = 10  # per rank
+DEFERRED_LOG_EVERY = 4
+DEFERRED_CKPT_EVERY = 5
+
+
+class StepValueModule(LightningModule):
+    """Logs ``m = 10 * batch_idx + rank`` with sync_dist each training step: the reduced mean is 10 * batch_idx + 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.seen: list[float | None] = []
+
+    def training_step(self, batch, batch_idx):
+        idx, x = batch
+        self.log("m", float(10 * batch_idx + self.global_rank), sync_dist=True)
+        return self.layer(x).pow(2).mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        value = self.trainer.callback_metrics.get("m")
+        self.seen.append(None if value is None else float(value))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def deferred_sync_worker(rank: int, out_dir: str) -> None:
+    sink = RecordingSink()
+    checkpoint = ModelCheckpoint(
+        dirpath=str(Path(out_dir) / "ckpt"), monitor="m", mode="max", every_n_train_steps=DEFERRED_CKPT_EVERY
+    )
+    engine = Engine(
+        quiet_config(out_dir, max_epochs=1, log_every_n_steps=DEFERRED_LOG_EVERY, enable_checkpointing=True),
+        metrics_sink=sink,
+        callbacks=[checkpoint],
+    )
+    packed = _CallCounter(engine.strategy, "gather_packed")
+    module = StepValueModule()
+    try:
+        engine.fit(module, DataLoader(indexed_data(2 * 4 * DEFERRED_BATCHES), batch_size=4, shuffle=False))
+    finally:
+        packed.restore()
+    save_result(
+        out_dir,
+        "deferred",
+        rank,
+        {
+            "seen": module.seen,
+            "logged": [(step, row["m"]) for step, row in sink.rows if "m" in row],
+            "gathers": packed.calls,
+            "best_score": float(checkpoint.best_model_score),
+            "callback_m": float(engine.callback_metrics["m"]),
+        },
+    )
+
+
 # --------------------------------------------------------------------------- 3. sampler swap
 SAMPLER_SAMPLES = 11  # odd: DistributedSampler pads one sample
 SAMPLER_BATCH = 2

@@ -121,6 +121,29 @@ def test_sync_dist_uses_one_collective_per_log_boundary(tmp_path):
             assert many["callback_metrics"][f"val_m{i}_epoch"] == pytest.approx(i + 0.5), (rank, i)
 
 
+@pytest.mark.timeout(120)
+def test_sync_dist_step_values_are_reduced_where_they_are_read(tmp_path):
+    """Between logger steps no collective runs; readers see each value's last reduction."""
+    h.spawn(h.deferred_sync_worker, tmp_path, str(tmp_path))
+    ranks = h.load_results(tmp_path, "deferred")
+    # Reductions: logger steps (batch 3, 7), the step-scheduled checkpoint (global step 5 = batch 4)
+    # and the epoch's last batch (9).
+    reduced_at = {3, 4, 7, 9}
+    expected_seen, last = [], None
+    for batch in range(h.DEFERRED_BATCHES):
+        if batch in reduced_at:
+            last = 10 * batch + 0.5
+        expected_seen.append(last)
+    for rank, result in enumerate(ranks):
+        assert result["gathers"] == len(reduced_at), (rank, result)
+        assert result["seen"] == expected_seen, rank
+        # The logger gets the reduced value of the very step it writes, as in Lightning.
+        assert result["logged"] == ([(3, 30.5), (7, 70.5)] if rank == 0 else []), rank
+        # ModelCheckpoint(every_n_train_steps=5, monitor="m") ranked reduced values: steps 5 and 10.
+        assert result["best_score"] == 90.5, rank
+        assert result["callback_m"] == 90.5, rank
+
+
 # --------------------------------------------------------------------------- 3
 @pytest.mark.timeout(120)
 def test_distributed_sampler_swap_shards_and_reshuffles(tmp_path):
