@@ -1,6 +1,6 @@
 """Whole-script wall time of one 2-worker Ray job: raylight vs a hand-written Ray Train loop vs Lightning.
 
-    python tests/benchmarks/bench_ray_job.py [--rounds 2] [--json out.json]
+    python tests/benchmarks/bench_ray_job.py [--rounds 2] [--variants ...] [--json out.json]
 
 The job, identical in all three: an MLP 32-64-10 on random data, 2 Ray Train
 workers on CPU (gloo), 2 epochs x 100 steps per worker (batch 32), a
@@ -15,6 +15,9 @@ every step, and a checkpoint each epoch.
 - ``lightning``: Lightning 2.6 inside ``TorchTrainer`` with Ray Train's
   Lightning integration (``RayDDPStrategy``, ``RayLightningEnvironment``,
   ``RayTrainReportCallback``, ``prepare_trainer``), as Ray's guide shows.
+- ``raylight-ray-knobs`` (not run by default): ``raylight`` with Ray Train's
+  default for the knob raylight sets (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2``
+  instead of 0.2), to measure what the knob buys.
 
 Each variant runs as its own Python process (imports, connecting to Ray,
 worker start-up and the job itself are all timed, as a user would experience
@@ -152,7 +155,10 @@ LIGHTNING = COMMON + textwrap.dedent(
     """
 ).replace("{model}", MODEL.format(base="pl.LightningModule"))
 
-VARIANTS = {"raylight": RAYLIGHT, "handwritten": HANDWRITTEN, "lightning": LIGHTNING}
+VARIANTS = {"raylight": RAYLIGHT, "handwritten": HANDWRITTEN, "lightning": LIGHTNING, "raylight-ray-knobs": RAYLIGHT}
+# The same raylight script with Ray Train's own defaults for the knobs raylight sets (the effect of those knobs).
+VARIANT_ENV = {"raylight-ray-knobs": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}}
+DEFAULT_VARIANTS = "raylight,handwritten,lightning"
 
 
 def _free_port() -> int:
@@ -177,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
 
@@ -202,7 +209,7 @@ def main() -> None:
             order = names[round_idx % len(names):] + names[: round_idx % len(names)]
             for name in order:
                 with tempfile.TemporaryDirectory() as out:
-                    times[name].append(_run(VARIANTS[name], address, out, env))
+                    times[name].append(_run(VARIANTS[name], address, out, {**env, **VARIANT_ENV.get(name, {})}))
                 print(f"round {round_idx + 1}: {name} {times[name][-1]:.1f} s", flush=True)
     finally:
         os.killpg(head.pid, 15)
@@ -218,6 +225,9 @@ def main() -> None:
         print(f"raylight / hand-written Ray Train loop = {medians['raylight'] / medians['handwritten']:.2f}x")
     if "raylight" in medians and "lightning" in medians:
         print(f"raylight / Lightning on Ray Train     = {medians['raylight'] / medians['lightning']:.2f}x")
+    if "raylight" in medians and "raylight-ray-knobs" in medians:
+        print(f"raylight with Ray Train's default knobs ({VARIANT_ENV['raylight-ray-knobs']}) / raylight = "
+              f"{medians['raylight-ray-knobs'] / medians['raylight']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"times": times, "medians": medians}, f, indent=2)
