@@ -281,6 +281,7 @@ class Trainer:
             config=self.spec.to_run_config(self.run_dir.path),
             callbacks=self.callbacks,
             logger_count=len(self.loggers),
+            progress_bar=self.spec.enable_progress_bar,
             initial_progress=initial,
             **{k: v for k, v in data.items() if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule")},
         )

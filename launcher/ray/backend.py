@@ -177,16 +177,20 @@ def run_job(
         ),
     )
 
-    progress = _ProgressPump(sink, on_progress)
+    # Without a progress bar nothing polls the sink (rank 0 sends no progress either): on a small machine
+    # every actor call competes with the workers for the same cores.
+    progress = _ProgressPump(sink, on_progress) if job.progress_bar else None
     try:
         trainer.fit()  # on this thread, so that Ctrl-C reaches it (see _interruptible)
     except BaseException as err:
-        progress.stop()
+        if progress is not None:
+            progress.stop()
         ray.kill(sink, no_restart=True)
         if isinstance(err, ray.train.TrainingFailedError):
             raise _worker_error(err) from None
         raise
-    progress.stop()
+    if progress is not None:
+        progress.stop()
     attempts = ray.get(sink.attempt_count.remote())
     try:
         with open(result_path, "rb") as f:

@@ -35,6 +35,7 @@ class Job:
     val_dataloaders: Any = None
     dataloaders: Any = None  # validate / test / predict
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
+    progress_bar: bool = True  # whether the driver shows a progress bar (else rank 0 sends no progress)
     # Workers look for a preemption notice about this often (agreed across ranks as a step count).
     preemption_check_seconds: float = 1.0
     # (epoch, global_step, batches_that_stepped) of the fit before validate/test/predict: Engine.continue_from

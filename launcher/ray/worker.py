@@ -26,19 +26,28 @@ UPLOAD_WINDOW = 2
 
 
 class RemoteMetricsSink:
-    """Rank 0's metric rows and progress, sent to the driver's sink actor (fire and forget, in order)."""
+    """Rank 0's metric rows and progress, sent to the driver's sink actor (fire and forget, in order).
 
-    def __init__(self, actor: Any):
+    Only what the driver uses is sent: rows when it has loggers, progress when it shows a bar (an actor
+    call costs the training thread about a millisecond).
+    """
+
+    def __init__(self, actor: Any, has_loggers: bool = True, wants_progress: bool = True):
         self.actor = actor
+        self.has_loggers = has_loggers
+        self.wants_progress = wants_progress
         self._last_progress = 0.0
 
     def log_metrics(self, metrics, step: int) -> None:
-        self.actor.log_metrics.remote(dict(metrics), step)
+        if self.has_loggers:
+            self.actor.log_metrics.remote(dict(metrics), step)
 
     def log_hyperparams(self, params) -> None:
         self.actor.log_hyperparams.remote(_plain(dict(params)))
 
     def progress(self, update: Progress) -> None:
+        if not self.wants_progress:
+            return
         now = time.monotonic()
         last_of_pass = update.total is not None and update.batch_idx >= update.total
         if now - self._last_progress >= 1.0 / PROGRESS_PER_SECOND or last_of_pass:
@@ -300,7 +309,11 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
     engine = Engine(
         job.config,
         callbacks=job.callbacks,
-        metrics_sink=RemoteMetricsSink(actor) if rank == 0 else None,
+        metrics_sink=(
+            RemoteMetricsSink(actor, has_loggers=job.logger_count > 0, wants_progress=job.progress_bar)
+            if rank == 0
+            else None
+        ),
         checkpoint_sink=RemoteCheckpointSink(actor),
         loggers=[_LoggerStandIn() for _ in range(job.logger_count)],
         strategy=strategy,
