@@ -46,8 +46,7 @@ class RemoteMetricsSink:
         self.actor.log_hyperparams.remote(_plain(dict(params)))
 
     def progress(self, update: Progress) -> None:
-        if not self.wants_progress:
-            return
+        # Only called when wants_progress: the engine reads that attribute and skips progress otherwise.
         now = time.monotonic()
         last_of_pass = update.total is not None and update.batch_idx >= update.total
         if now - self._last_progress >= 1.0 / PROGRESS_PER_SECOND or last_of_pass:

@@ -187,9 +187,13 @@ class ModelCheckpoint(Callback):
         dirpath = self.dirpath if self.dirpath is not None else trainer.default_checkpoint_dir
         self.dirpath = trainer.strategy.broadcast(dirpath, src=0)
 
+    def saves_after_step(self, global_step: int) -> bool:
+        """Whether ``on_train_batch_end`` tries to save at ``global_step`` (``every_n_train_steps``)."""
+        return self._every_n_train_steps >= 1 and global_step % self._every_n_train_steps == 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Save every ``every_n_train_steps`` optimizer steps."""
-        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps != 0:
+        if not self.saves_after_step(trainer.global_step):
             return
         candidates = self._monitor_candidates(trainer)
         if self.monitor is not None and self.monitor not in candidates:

@@ -257,9 +257,7 @@ class FitLoop:
                 # in Lightning; in one process callback_metrics are read lazily instead.
                 if self._step_values_due(batch_idx, is_last, should_accumulate):
                     collector.sync_step()
-                callback, _, pbar = collector.step_metrics()
-                engine._callback_metrics.update(callback)
-                engine._progress_bar_metrics.update(pbar)
+                self._publish_step_metrics()
             self.position = "batch_end"
             hooks.on_train_batch_end(outputs, batch, batch_idx)
             self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
@@ -291,10 +289,7 @@ class FitLoop:
         if should_accumulate:
             return False
         engine = self.engine
-        step = engine.global_step
-        return self._logger_step_due() or any(
-            cb._every_n_train_steps >= 1 and step % cb._every_n_train_steps == 0 for cb in engine.checkpoint_callbacks
-        )
+        return self._logger_step_due() or any(cb.saves_after_step(engine.global_step) for cb in engine.checkpoint_callbacks)
 
     def _batch_loop_done(self, batch_idx: int, budget: int | float) -> bool:
         return batch_idx + 1 >= budget or self._max_steps_reached() or (
@@ -325,10 +320,7 @@ class FitLoop:
             # In one process callback_metrics are read lazily; across ranks every step publishes its
             # values (sync_dist ones as of their last reduction) so that all ranks see the same ones.
             if log_now or engine._wants_progress or engine.strategy.is_distributed:
-                callback, log, pbar = collector.step_metrics()
-                engine._callback_metrics.update(callback)
-                engine._logged_metrics.update(log)
-                engine._progress_bar_metrics.update(pbar)
+                log = self._publish_step_metrics()
                 if log and log_now:
                     engine._log_to_sink(log, step=self.batches_that_stepped)
                 if engine._wants_progress:
@@ -357,10 +349,7 @@ class FitLoop:
         engine._active_collector = self.collector
         if not resume_after_callbacks:
             self.collector.sync_step()  # pending when the loop stopped early (should_stop)
-            callback, log, pbar = self.collector.step_metrics()  # the last step's values, published once
-            engine._callback_metrics.update(callback)
-            engine._logged_metrics.update(log)
-            engine._progress_bar_metrics.update(pbar)
+            self._publish_step_metrics()  # the last step's values, published once
             self.position = "epoch_end"
             # Epoch values of everything logged so far are reduced before the epoch-end hooks read them.
             self.collector.compute_epoch()
@@ -387,6 +376,15 @@ class FitLoop:
         engine = self.engine
         if engine._wants_progress:
             engine._report_progress(RunningStage.TRAINING, done, budget, dict(engine._progress_bar_metrics))
+
+    def _publish_step_metrics(self) -> dict[str, torch.Tensor]:
+        """Publish the current step's values to the engine's metric dicts; returns the logger's part."""
+        callback, log, pbar = self.collector.step_metrics()
+        engine = self.engine
+        engine._callback_metrics.update(callback)
+        engine._logged_metrics.update(log)
+        engine._progress_bar_metrics.update(pbar)
+        return log
 
     def _publish_epoch_metrics(self):
         callback, log, pbar = self.collector.epoch_metrics()

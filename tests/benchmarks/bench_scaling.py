@@ -216,18 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
     header = f"{'workers':>7} | {'hand-written ms/step (runs)':>32} | {'raylight ms/step (runs)':>32} | ratio (paired runs)"
     print(header)
     print("-" * len(header))
+    by_cell = {(row["workers"], row["variant"]): row for row in rows}
     for workers in sizes:
-        hand = next(r for r in rows if r["workers"] == workers and r["variant"] == "handwritten")
-        ray_row = next(r for r in rows if r["workers"] == workers and r["variant"] == "raylight")
+        hand, ray_row = by_cell[(workers, "handwritten")], by_cell[(workers, "raylight")]
         fmt = lambda row: f"{row['ms_per_step']:.2f} ({', '.join(f'{t:.2f}' for t in row['ms_per_step_runs'])})"
         print(f"{workers:>7} | {fmt(hand):>32} | {fmt(ray_row):>32} | {ray_row['ratio_vs_handwritten']:.3f}x "
               f"({', '.join(f'{p:.3f}' for p in ray_row['ratio_paired_runs'])})")
     print("median step (robust to bursts of other load on a shared machine), ms, hand-written / raylight = ratio: "
-          + "; ".join(
-              f"{w} worker(s): {next(r for r in rows if r['workers'] == w and r['variant'] == 'handwritten')['median_step_ms']:.2f}"
-              f" / {next(r for r in rows if r['workers'] == w and r['variant'] == 'raylight')['median_step_ms']:.2f}"
-              f" = {next(r for r in rows if r['workers'] == w and r['variant'] == 'raylight')['median_step_ratio_vs_handwritten']:.3f}x"
-              for w in sizes))
+          + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['median_step_ms']:.2f} / "
+                      f"{by_cell[(w, 'raylight')]['median_step_ms']:.2f} = "
+                      f"{by_cell[(w, 'raylight')]['median_step_ratio_vs_handwritten']:.3f}x" for w in sizes))
     print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
     print(note or f"plot: {os.path.abspath(args.plot)}")
     result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},

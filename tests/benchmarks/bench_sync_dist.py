@@ -36,8 +36,8 @@ this machine at that moment (it grows a lot when other processes compete for
 the cores, because both ranks must be scheduled to meet).
 
 "collector alone" is raylight's own per-step work for K synced metrics
-(the ``log`` calls, the packed reduction, reading the step's values) with the
-collective replaced by a local copy, timed in the benchmark process: the part
+(the ``log`` calls and reading the step's values every step, the packed
+reduction every ``log_every_n_steps``) with the collective replaced by a local copy, timed in the benchmark process: the part
 of the added time that is not the collective or the wait for the other rank.
 
 Collectives are counted in the rank processes by wrapping the
@@ -68,6 +68,8 @@ WORLD_SIZE = 2
 BATCH = 32
 SEED = 1234
 LOG_EVERY_N_STEPS = 50  # both frameworks' default
+COLLECTOR_LABEL = (f"raylight's collector alone (log + step_metrics per step, sync_step per {LOG_EVERY_N_STEPS} steps, "
+                   "collective stubbed, in one process), ms per step: ")
 COUNTED = (
     "all_reduce",
     "all_gather",
@@ -214,7 +216,7 @@ def collector_cost_ms(n_metrics: int, iterations: int = 2000) -> float:
     """raylight's own per-step work for ``n_metrics`` synced values, with the collective replaced by a copy.
 
     ``n_metrics`` ``log`` calls and reading the step's values (``step_metrics``) every step, and the
-    reduction (``sync_step``) every ``log_every_n_steps`` (50, the default) steps, as the fit loop does on
+    reduction (``sync_step``) every ``LOG_EVERY_N_STEPS`` (the default) steps, as the fit loop does on
     every rank of a distributed run, in one process: what is left of the added time per step once the
     collective and the wait for the other rank are taken out.
     """
@@ -302,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     collector_ms = {k: collector_cost_ms(k) for k in counts}
     if args.collector_only:
-        print("raylight's collector alone (log + step_metrics per step, sync_step per 50 steps, collective stubbed), ms per step: "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
+        print(COLLECTOR_LABEL + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
         return {"collector_ms_per_step": collector_ms}
     frameworks = [f for f in args.frameworks.split(",") if f]
     cells = [(f, k) for f in frameworks for k in counts]
@@ -383,8 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nadded time per step, raylight / Lightning: " + ", ".join(
             f"{k}: {by_cell[('raylight', k)]['added_ms_per_step_paired']:.3f} / "
             f"{by_cell[('lightning', k)]['added_ms_per_step_paired']:.3f} ms" for k in counts if k))
-    print("raylight's collector alone (log + step_metrics per step, sync_step per 50 steps, collective stubbed, in one process), "
-          "ms per step: " + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
+    print(COLLECTOR_LABEL + ", ".join(f"{k}: {v:.3f}" for k, v in collector_ms.items()))
     if ("raylight", 20) in by_cell:
         row = by_cell[("raylight", 20)]
         base_collectives = by_cell[("raylight", 0)]["collectives_per_step"]
