@@ -22,7 +22,10 @@ What is timed: on rank 0, the wall time from the start of step
 ``--warmup`` to the start of the last step, divided by the steps in between
 (steady state; start-up is measured by ``bench_ray_job.py``), and the median
 of the single steps in that range (on a machine shared with other work,
-bursts of someone else's load inflate the mean of a run but not its median). Each variant
+bursts of someone else's load inflate the mean of a run but not its median), and
+rank 0's process CPU time over the same steps (every thread of the worker
+process: what each variant makes the worker do, which other load on the
+machine does not change the way it changes wall time). Each variant
 and worker count runs as its own Python process against one Ray head
 started here, interleaved round by round; the median is reported with the
 range. Goal: raylight within 5% of the hand-written loop at every size.
@@ -52,9 +55,14 @@ def dataset():
     n = WORKERS * STEPS * BATCH
     return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
 STAMPS = os.path.join(OUT, "stamps.json")
-def write_stamps(stamps):
+def stamp(stamps, cpu):
+    """Rank 0, at the start of a step: the wall clock, and this process's CPU time at the first and last timed steps."""
+    stamps.append(time.perf_counter())
+    if len(stamps) in (WARMUP + 1, STEPS):
+        cpu.append(time.process_time())
+def write_stamps(stamps, cpu):
     with open(STAMPS, "w") as f:
-        json.dump(stamps, f)
+        json.dump({"stamps": stamps, "cpu": cpu}, f)
 '''
 
 RAYLIGHT = COMMON + r'''
@@ -65,10 +73,10 @@ class Model(LightningModule):
     def __init__(self):
         super().__init__()
         self.net = net()
-        self.stamps = []
+        self.stamps, self.cpu = [], []
     def training_step(self, batch, batch_idx):
         if self.global_rank == 0:
-            self.stamps.append(time.perf_counter())
+            stamp(self.stamps, self.cpu)
         loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
         self.log("train_loss", loss)
         return loss
@@ -76,7 +84,7 @@ class Model(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
     def on_train_end(self):
         if self.global_rank == 0:
-            write_stamps(self.stamps)
+            write_stamps(self.stamps, self.cpu)
 
 trainer = Trainer(max_steps=STEPS, num_workers=WORKERS, address=ADDRESS, default_root_dir=OUT, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
@@ -92,19 +100,19 @@ def loop(config):
     loader = ray.train.torch.prepare_data_loader(DataLoader(dataset(), batch_size=BATCH))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     rank = ray.train.get_context().get_world_rank()
-    stamps = []
+    stamps, cpu = [], []
     model.train()
     for step, (x, y) in enumerate(loader):
         if step >= STEPS:
             break
         if rank == 0:
-            stamps.append(time.perf_counter())
+            stamp(stamps, cpu)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
     if rank == 0:
-        write_stamps(stamps)
+        write_stamps(stamps, cpu)
 
 ray.init(address=ADDRESS, log_to_driver=False)
 ray.train.torch.TorchTrainer(
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     cells = [(w, v) for w in sizes for v in VARIANTS]
     per_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     median_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    cpu_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
         scripts = {}
@@ -187,16 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
                     run_child([scripts[variant], variant, str(workers), str(args.steps), str(args.warmup),
                                head.address, out])
                     with open(os.path.join(out, "stamps.json")) as f:
-                        stamps = json.load(f)
-                timed = stamps[args.warmup:]
+                        recorded = json.load(f)
+                timed = recorded["stamps"][args.warmup:]
+                cpu_start, cpu_end = recorded["cpu"]
+                cpu_step[(workers, variant)].append((cpu_end - cpu_start) / (len(timed) - 1))
                 per_step[(workers, variant)].append((timed[-1] - timed[0]) / (len(timed) - 1))
                 median_step[(workers, variant)].append(statistics.median(b - a for a, b in zip(timed, timed[1:])))
                 print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step "
-                      f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
+                      f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f}, CPU "
+                      f"{cpu_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
 
     rows = []
     for workers, variant in cells:
-        xs, ms = per_step[(workers, variant)], median_step[(workers, variant)]
+        xs, ms, cpu = per_step[(workers, variant)], median_step[(workers, variant)], cpu_step[(workers, variant)]
         base = statistics.median(per_step[(workers, "handwritten")])
         base_median = statistics.median(median_step[(workers, "handwritten")])
         paired = [a / b for a, b in zip(xs, per_step[(workers, "handwritten")])]
@@ -205,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "ms_per_step_runs": [x * 1e3 for x in xs], "ratio_vs_handwritten": statistics.median(xs) / base,
                      "ratio_paired_runs": paired,
                      "median_step_ms": statistics.median(ms) * 1e3, "median_step_ms_runs": [x * 1e3 for x in ms],
-                     "median_step_ratio_vs_handwritten": statistics.median(ms) / base_median})
+                     "median_step_ratio_vs_handwritten": statistics.median(ms) / base_median,
+                     "cpu_ms_per_step": statistics.median(cpu) * 1e3, "cpu_ms_per_step_runs": [c * 1e3 for c in cpu],
+                     "cpu_ratio_vs_handwritten": statistics.median(cpu) / statistics.median(cpu_step[(workers, "handwritten")])})
     note = _plot(rows, args.plot) if args.plot else None
 
     info = machine()
@@ -226,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
           + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['median_step_ms']:.2f} / "
                       f"{by_cell[(w, 'raylight')]['median_step_ms']:.2f} = "
                       f"{by_cell[(w, 'raylight')]['median_step_ratio_vs_handwritten']:.3f}x" for w in sizes))
+    print("rank 0's CPU time per step (this process, every thread: the work each variant does, whatever the "
+          "machine's other load), ms, hand-written / raylight = ratio: "
+          + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['cpu_ms_per_step']:.2f} / "
+                      f"{by_cell[(w, 'raylight')]['cpu_ms_per_step']:.2f} = "
+                      f"{by_cell[(w, 'raylight')]['cpu_ratio_vs_handwritten']:.3f}x" for w in sizes))
     print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
     print(note or f"plot: {os.path.abspath(args.plot)}")
     result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
