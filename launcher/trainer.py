@@ -235,17 +235,10 @@ class Trainer:
         Returns the serialised job, which a Ray run ships to its workers as is (the job is pickled once).
         """
         from launcher.job_file import write_job
-        from launcher.ray.job import Job, prepare_job, serialize_job
+        from launcher.ray.job import prepare_job, serialize_job
 
-        job = Job(
-            stage="fit",
-            module=model,
-            config=self.spec.to_run_config(self.run_dir.path),
-            callbacks=self.callbacks,
-            datamodule=datamodule,
-            train_dataloaders=train_dataloaders,
-            val_dataloaders=val_dataloaders,
-            logger_count=len(self.loggers),
+        job = self._job(
+            "fit", model, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, datamodule=datamodule
         )
         os.makedirs(self.run_dir.path, exist_ok=True)
         if self.spec.num_workers > 0:
@@ -264,27 +257,32 @@ class Trainer:
         write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
         return payload
 
-    def _run_on_ray(
-        self, stage: str, model, path, checkpoint, *, resume_step=None, payload: bytes | None = None, **data
-    ) -> dict[str, Any]:
-        """Ship the job to Ray Train workers, then mirror what rank 0 sent back onto this Trainer and model."""
-        from launcher.ray.backend import RayRunSettings, run_job
+    def _job(self, stage: str, model, initial_progress=None, **data):
+        """The job the workers run: what this Trainer's spec says, for ``stage``, with its data."""
         from launcher.ray.job import Job
 
-        previous = self._engine
-        initial = None
-        if previous is not None and stage != "fit":
-            initial = (previous.current_epoch, previous.global_step, previous.fit_loop_batches_that_stepped)
-        job = Job(
+        return Job(
             stage=stage,
             module=model,
             config=self.spec.to_run_config(self.run_dir.path),
             callbacks=self.callbacks,
             logger_count=len(self.loggers),
             progress_bar=self.spec.enable_progress_bar,
-            initial_progress=initial,
+            initial_progress=initial_progress,
             **{k: v for k, v in data.items() if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule")},
         )
+
+    def _run_on_ray(
+        self, stage: str, model, path, checkpoint, *, resume_step=None, payload: bytes | None = None, **data
+    ) -> dict[str, Any]:
+        """Ship the job to Ray Train workers, then mirror what rank 0 sent back onto this Trainer and model."""
+        from launcher.ray.backend import RayRunSettings, run_job
+
+        previous = self._engine
+        initial = None
+        if previous is not None and stage != "fit":
+            initial = (previous.current_epoch, previous.global_step, previous.fit_loop_batches_that_stepped)
+        job = self._job(stage, model, initial_progress=initial, **data)
         settings = RayRunSettings(
             num_workers=self.spec.num_workers,
             use_gpu=self.spec.use_gpu,

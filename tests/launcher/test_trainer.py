@@ -235,3 +235,20 @@ def test_gradient_clip_algorithm_is_case_insensitive_as_in_lightning():
 
     assert TrainerSpec.from_kwargs(gradient_clip_algorithm="NORM").gradient_clip_algorithm == "norm"
     assert TrainerSpec.from_kwargs(gradient_clip_algorithm="Value").gradient_clip_algorithm == "value"
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_the_job_kept_for_resume_and_sent_to_workers_follows_the_spec(progress_bar, tmp_path):
+    # The fit job is serialised once: kept in the run directory and shipped as is to Ray workers. With the
+    # bar off, rank 0 must not send progress that no driver thread reads (the sink would keep every update).
+    import cloudpickle
+
+    from launcher.job_file import read_job
+
+    train, val = _loaders()
+    trainer = Trainer(max_epochs=1, default_root_dir=str(tmp_path), run_name="job", logger=[CSVLogger()],
+                      enable_progress_bar=progress_bar, enable_checkpointing=False)
+    trainer.fit(Regressor(), train, val)
+    job = cloudpickle.loads(read_job(os.path.join(str(tmp_path), "job"))["job"])
+    assert (job.stage, job.progress_bar, job.logger_count) == ("fit", progress_bar, 1)
+    assert job.config.max_epochs == 1 and job.config.enable_checkpointing is False
