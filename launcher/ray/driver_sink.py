@@ -2,9 +2,10 @@
 
 Rank 0's metric rows go to the run's loggers (TensorBoard, CSV) here, so
 their files land in the run directory on the driver's disk. Checkpoints
-arrive in bounded chunks and are committed atomically; restarted workers
-read the newest committed checkpoint back from here. Nothing needs a shared
-filesystem: the actor is pinned to the driver's node.
+arrive in bounded chunks, or are written in place by a worker that sees the
+run directory (one on the driver's node), and are committed atomically here;
+restarted workers read the newest committed checkpoint back from here.
+Nothing needs a shared filesystem: the actor is pinned to the driver's node.
 """
 
 from __future__ import annotations
@@ -141,7 +142,29 @@ class DriverSink:
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
-        os.replace(handle.name, path)
+        return self._commit(handle.name, path, is_checkpoint, progress)
+
+    def filesystem_probe(self) -> tuple[str, str]:
+        """A new file in the run directory and its content: a worker that reads the same sees this directory."""
+        token = uuid.uuid4().hex
+        path = os.path.join(self.run_dir, f".probe-{token[:8]}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token)
+        return path, token
+
+    def commit_written(self, tmp: str, path: str, is_checkpoint: bool = True, progress: dict | None = None) -> str:
+        """Commit ``tmp``, which a worker that sees this directory wrote next to ``path`` itself."""
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._commit(tmp, path, is_checkpoint, progress)
+
+    def _commit(self, tmp: str, path: str, is_checkpoint: bool, progress: dict | None) -> str:
+        """Rename the complete, fsynced ``tmp`` over ``path`` durably; a checkpoint becomes the newest one."""
+        os.replace(tmp, path)
         dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         try:
             os.fsync(dir_fd)

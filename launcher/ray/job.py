@@ -22,6 +22,8 @@ from runtime.config import RunConfig
 from runtime.seed import SEED_ENV, SEED_WORKERS_ENV, capture_rng_state
 
 LARGE_JOB_BYTES = 64 * 1024 * 1024
+# Set to 1 on the driver: workers stream checkpoints through Ray even where they see the run directory.
+STREAM_FILES_ENV = "RAYLIGHT_STREAM_FILES"
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Job:
     dataloaders: Any = None  # validate / test / predict
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
     progress_bar: bool = True  # whether the driver shows a progress bar (else rank 0 sends no progress)
+    # Always stream checkpoints to the driver, even from a worker that sees its run directory (STREAM_FILES_ENV).
+    stream_files: bool = False
     # Workers look for a preemption notice about this often (agreed across ranks as a step count).
     preemption_check_seconds: float = 1.0
     # (epoch, global_step, batches_that_stepped) of the fit before validate/test/predict: Engine.continue_from

@@ -1,4 +1,4 @@
-"""What runs inside each Ray Train worker: the runtime, with sinks that stream to the driver."""
+"""What runs inside each Ray Train worker: the runtime, with sinks that send metrics and files to the driver."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 import traceback
+import uuid
 from typing import Any, Callable
 
 import cloudpickle
@@ -144,15 +145,59 @@ def upload(
         raise
 
 
-def upload_file(actor: Any, local_path: str, remote_path: str, is_checkpoint: bool) -> None:
-    """Stream a local file to ``remote_path`` on the driver in bounded chunks, committed atomically there."""
+def write_in_place(
+    actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
+) -> None:
+    """Write ``remote_path`` from a worker that sees the driver's directory: a hidden file next to it, which the
+    sink actor fsyncs and renames over it (the same atomic commit as a streamed file, without the copies)."""
+    import ray
 
-    def copy(stream: _ChunkStream) -> None:
-        with open(local_path, "rb") as f:
-            while data := f.read(CHUNK_BYTES):
-                stream.write(data)
+    directory = os.path.dirname(remote_path) or "."
+    os.makedirs(directory, exist_ok=True)
+    # Not mkstemp: its file is private to this user, and a checkpoint gets the permissions a streamed one gets.
+    tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        ray.get(actor.commit_written.remote(tmp, remote_path, is_checkpoint, progress))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
-    upload(actor, remote_path, is_checkpoint, copy)
+
+class DriverFiles:
+    """Files this worker writes into the driver's run directory (checkpoints, the stage's result).
+
+    A worker that sees that directory (it runs on the driver's node, or both share a filesystem) writes
+    the file there itself, as fast as a local ``torch.save``; any other worker streams it through the
+    sink actor. Which one is decided once, by reading back a file the actor has just written.
+    ``in_place=False`` always streams (``RAYLIGHT_STREAM_FILES=1``: measures another node's path on one).
+    """
+
+    def __init__(self, actor: Any, in_place: bool = True):
+        self.actor = actor
+        self._sees_driver_directory: bool | None = None if in_place else False
+
+    def sees_driver_directory(self) -> bool:
+        if self._sees_driver_directory is None:
+            import ray
+
+            path, token = ray.get(self.actor.filesystem_probe.remote())
+            try:
+                with open(path) as f:
+                    same = f.read() == token
+                self._sees_driver_directory = same and os.access(os.path.dirname(path), os.W_OK)
+            except OSError:
+                self._sees_driver_directory = False
+            self.actor.remove.remote(path)
+        return self._sees_driver_directory
+
+    def write(
+        self, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
+    ) -> None:
+        send = write_in_place if self.sees_driver_directory() else upload
+        send(self.actor, remote_path, is_checkpoint, write, progress)
 
 
 def download_file(actor: Any, remote_path: str, local_path: str) -> None:
@@ -191,15 +236,16 @@ def _sees_same_file(actor: Any, remote_path: str) -> bool:
 
 
 class RemoteCheckpointSink:
-    """Checkpoints stream to the driver's run directory as ``torch.save`` writes them."""
+    """Checkpoints go to the driver's run directory: written there in place, or streamed as ``torch.save`` writes."""
 
-    def __init__(self, actor: Any):
-        self.actor = actor
+    def __init__(self, files: DriverFiles):
+        self.files = files
+        self.actor = files.actor
 
     def save(self, checkpoint: dict[str, Any], path: str) -> None:
         check_weights_only_safe(checkpoint)
         progress = {"epoch": int(checkpoint.get("epoch", 0)), "global_step": int(checkpoint.get("global_step", 0))}
-        upload(self.actor, path, True, lambda stream: torch.save(checkpoint, stream), progress)
+        self.files.write(path, True, lambda stream: torch.save(checkpoint, stream), progress)
 
     def remove(self, path: str) -> None:
         import ray
@@ -304,6 +350,7 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
             os.remove(tmp)
 
     _seed_like_the_driver(job)
+    files = DriverFiles(actor, in_place=not job.stream_files)
     strategy = Strategy(job.config.accelerator, job.config.find_unused_parameters)
     engine = Engine(
         job.config,
@@ -313,14 +360,14 @@ def _run_worker(config: dict[str, Any], rank: int) -> None:
             if rank == 0
             else None
         ),
-        checkpoint_sink=RemoteCheckpointSink(actor),
+        checkpoint_sink=RemoteCheckpointSink(files),
         loggers=[_LoggerStandIn() for _ in range(job.logger_count)],
         strategy=strategy,
         preemption_probe=_preemption_probe(strategy, job.preemption_check_seconds) if job.stage == "fit" else None,
     )
     if job.initial_progress is not None:
         engine.continue_from(*job.initial_progress)
-    _run_stage(job, engine, checkpoint, resume_from, actor, config["result_path"], rank)
+    _run_stage(job, engine, checkpoint, resume_from, files, config["result_path"], rank)
 
 
 def _seed_like_the_driver(job) -> None:
@@ -368,7 +415,7 @@ class WorkerStepError(RuntimeError):
         return (type(self), (self.rank, self.error_type, self.tb, self.message))
 
 
-def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path: str, rank: int) -> None:
+def _run_stage(job, engine: Engine, checkpoint, resume_from, files: DriverFiles, result_path: str, rank: int) -> None:
     module = job.module
     result: dict[str, Any] = {}
     if job.stage == "fit":
@@ -392,4 +439,4 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, actor, result_path:
         should_stop=engine.should_stop,
         callbacks={cb.state_key: cb.state_dict() for cb in engine.callbacks},
     )
-    upload(actor, result_path, False, lambda stream: cloudpickle.dump(result, stream))
+    files.write(result_path, False, lambda stream: cloudpickle.dump(result, stream))

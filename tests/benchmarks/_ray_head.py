@@ -93,9 +93,10 @@ def machine() -> dict[str, object]:
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
-def run_child(args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_child(args: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one variant as its own Python process (``python <args>``) with Ray's token mode; raise on failure."""
-    done = subprocess.run([sys.executable, *args], env=ray_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, *args], env={**ray_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"variant {args[1:]} failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
     return done

@@ -1,6 +1,6 @@
-"""Checkpoints streamed from a Ray worker to the driver: time added per checkpoint, and driver-side memory.
+"""Checkpoints from a Ray worker to the driver's run directory: time added per checkpoint, and driver-side memory.
 
-    python tests/benchmarks/bench_checkpoint_stream.py [--sizes 64,512,2048] [--rounds 2] [--json out.json]
+    python tests/benchmarks/bench_checkpoint_stream.py [--sizes 64,512,2048] [--ways in-place,streamed] [--rounds 2] [--json out.json]
 
 Workload, per checkpoint size S (MiB): a 1-worker raylight run on CPU
 (``Trainer(num_workers=1)``, against a Ray head this script starts) of an
@@ -13,13 +13,20 @@ every second epoch, so checkpoint epochs and plain epochs alternate in the
 same run (every file is kept: deleting the previous one is a cost of top-k
 bookkeeping, not of moving a checkpoint).
 
+Two ways, each its own run: ``in-place``, what this worker does by default
+(it runs on the driver's node, sees the run directory, and ``torch.save``s
+into it; the sink actor commits the file), and ``streamed``, what a worker on
+another node does (``RAYLIGHT_STREAM_FILES=1`` makes this one do it: the
+checkpoint goes in chunks through Ray's object store to the sink actor, which
+writes it).
+
 Figures, measured in the same run:
 
 - added fit time per checkpoint: on the worker, the time from the module's
   ``on_train_epoch_end`` to the next ``on_train_epoch_start`` (or
   ``on_train_end``), median over the checkpoint epochs minus the median over
-  the plain epochs: building the dict, ``torch.save``, streaming it to the
-  driver's run directory in chunks through the sink actor and the atomic
+  the plain epochs: building the dict, ``torch.save`` into the driver's run
+  directory (in place, or in chunks through the sink actor) and the atomic
   commit (fsync, rename) there.
 - local ``torch.save``: after training, the worker ``torch.save``s the last
   checkpoint dict it built (``on_save_checkpoint`` hands it over) to a local
@@ -37,8 +44,8 @@ Figures, measured in the same run:
   driver also pickles the job (the model) and receives the final weights, so
   its figure includes the S/3 model twice over.
 
-Each size runs in its own Python process; sizes are interleaved round by
-round. The machine needs roughly 5 x S of free memory for the largest size.
+Each size and way runs in its own Python process; they are interleaved round
+by round. The machine needs roughly 5 x S of free memory for the largest size.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ import threading
 import time
 
 MIB = 2**20
+# The environment each way's run gets.
+WAYS = {"in-place": {}, "streamed": {"RAYLIGHT_STREAM_FILES": "1"}}
 EMBED_DIM = 256
 STEPS_PER_EPOCH, BATCH = 2, 64
 
@@ -207,35 +216,42 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,512,2048", help="checkpoint sizes in MiB")
+    parser.add_argument("--ways", default="in-place,streamed", help="in-place, streamed or both")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per run (twice as many epochs)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    ways = [w for w in args.ways.split(",") if w]
+    unknown = set(ways) - set(WAYS)
+    if unknown:
+        parser.error(f"--ways: unknown {sorted(unknown)}; choose from {list(WAYS)}")
+    cells = [(size, way) for size in sizes for way in ways]
 
-    runs: dict[int, list[dict]] = {size: [] for size in sizes}
+    runs: dict[tuple[int, str], list[dict]] = {cell: [] for cell in cells}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
         child = os.path.join(scratch, "child.py")
         with open(child, "w") as f:
             f.write(f"import sys\nsys.path.insert(0, {repo!r})\n" + CHILD)
         for r in range(args.rounds):
-            order = sizes if r % 2 == 0 else sizes[::-1]
-            for size in order:
+            order = cells if r % 2 == 0 else cells[::-1]
+            for size, way in order:
                 with tempfile.TemporaryDirectory(dir=scratch) as out:
-                    run_child([child, str(size), str(args.checkpoints), head.address, out, str(head.process.pid)])
+                    run_child([child, str(size), str(args.checkpoints), head.address, out, str(head.process.pid)],
+                              env=WAYS[way])
                     with open(os.path.join(out, "result.json")) as f:
                         result = json.load(f)
                 result["checkpoint_gaps"], result["plain_gaps"] = _gaps(result.pop("events"))
-                runs[size].append(result)
+                runs[(size, way)].append(result)
                 added = statistics.median(result["checkpoint_gaps"]) - statistics.median(result["plain_gaps"])
-                print(f"round {r + 1}: {size} MiB: added {added:.2f} s/checkpoint, local torch.save "
+                print(f"round {r + 1}: {size} MiB {way}: added {added:.2f} s/checkpoint, local torch.save "
                       f"{min(result['local_save']['plain']):.2f} s, fit {result['fit_s']:.1f} s", file=sys.stderr,
                       flush=True)
 
     rows = []
-    for size in sizes:
-        xs = runs[size]
+    for size, way in cells:
+        xs = runs[(size, way)]
         added = [statistics.median(x["checkpoint_gaps"]) - statistics.median(x["plain_gaps"]) for x in xs]
         local = [min(x["local_save"]["plain"]) for x in xs]
         local_fsync = [min(x["local_save"]["fsync"]) for x in xs]
@@ -251,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         sink_private = grown("peak_sink_private", "sink_private_idle")
         rows.append({
             "size_mib": size,
+            "way": way,
             "checkpoint_bytes": ckpt,
             "model_bytes": xs[0]["model_bytes"],
             "added_s_per_checkpoint": statistics.median(added),
@@ -271,11 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
         })
 
     info = machine()
-    print(f"\ncheckpoint streaming: 1 Ray worker (CPU) -> driver's run directory, Adam on an nn.Embedding, "
+    print(f"\ncheckpoints: 1 Ray worker (CPU) -> driver's run directory, Adam on an nn.Embedding, "
           f"{args.checkpoints} checkpoints per run, median of {args.rounds} rounds")
     print(f"machine: {info['cpu']}, {info['logical_cpus']} CPUs, {info['memory_gib']} GiB | python {info['python']} | "
           f"torch {info['torch']} | ray {info['ray']}")
-    header = (f"{'size':>9} | {'added s/ckpt':>12} {'(runs)':>16} | {'local save':>10} {'+fsync':>7} | "
+    header = (f"{'size':>9} {'way':>8} | {'added s/ckpt':>12} {'(runs)':>16} | {'local save':>10} {'+fsync':>7} | "
               f"{'ratio':>6} {'(runs)':>12} | {'driver peak +':>13} {'private':>7} {'maxrss':>7} | "
               f"{'sink peak +':>11} {'private':>7}")
     print(header)
@@ -283,14 +300,14 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         runs_text = ",".join(f"{a:.2f}" for a in row["added_s_runs"])
         ratio_text = ",".join(f"{a:.2f}" for a in row["ratio_runs"])
-        print(f"{row['checkpoint_bytes'] / MIB:7.0f}Mi | {row['added_s_per_checkpoint']:12.2f} {runs_text:>16} | "
+        print(f"{row['checkpoint_bytes'] / MIB:7.0f}Mi {row['way']:>8} | {row['added_s_per_checkpoint']:12.2f} {runs_text:>16} | "
               f"{row['local_torch_save_s']:10.2f} {row['local_torch_save_fsync_s']:7.2f} | "
               f"{row['ratio_vs_local_save']:5.2f}x {ratio_text:>12} | "
               f"{row['driver_peak_rss_added_x_checkpoint']:12.2f}x {row['driver_peak_private_added_x_checkpoint']:6.2f}x "
               f"{row['driver_maxrss_added_x_checkpoint']:6.2f}x | {row['sink_peak_rss_added_x_checkpoint']:10.2f}x "
               f"{row['sink_peak_private_added_x_checkpoint']:6.2f}x")
     print("goals: added time per checkpoint <= 2.0x a local torch.save; driver peak <= 1.5x the checkpoint size")
-    result = {"config": {"sizes_mib": sizes, "rounds": args.rounds, "checkpoints": args.checkpoints, "workers": 1},
+    result = {"config": {"sizes_mib": sizes, "ways": ways, "rounds": args.rounds, "checkpoints": args.checkpoints, "workers": 1},
               "machine": info, "results": rows}
     if args.json:
         with open(args.json, "w") as f:

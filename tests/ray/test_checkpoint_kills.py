@@ -1,11 +1,13 @@
-"""A worker killed at random points while it writes and streams checkpoints to the driver (20 trials).
+"""A worker killed at random points while it writes checkpoints into the driver's directory (20 trials each way).
 
 Each trial runs a Ray task on a fresh worker process that saves checkpoints in a
-loop through the same path a training worker uses (``RemoteCheckpointSink``:
-``torch.save`` to a local file, then 8 MiB chunks to the driver's sink actor,
-committed atomically), and SIGKILLs it after a random delay: inside
-``torch.save``, between chunks, or around the commit. After every kill, the
-checkpoint a restart would resume from, and every ``*.ckpt`` file in the
+loop through the same path a training worker uses (``RemoteCheckpointSink``),
+both ways it can go: streamed (``torch.save`` into 8 MiB chunks sent to the
+driver's sink actor, as from another node) and in place (``torch.save`` into a
+hidden file in the driver's directory, as from the driver's node), each
+committed atomically by the actor. It SIGKILLs the task after a random delay:
+inside ``torch.save``, between chunks, or around the commit. After every kill,
+the checkpoint a restart would resume from, and every ``*.ckpt`` file in the
 driver's directory, must load completely and hold one consistent step.
 """
 
@@ -32,10 +34,12 @@ def _checkpoint(step: int) -> dict:
     return {"global_step": step, "state_dict": {"w": torch.full((ELEMENTS,), float(step))}, "epoch": 0}
 
 
-def _stream_forever(sink, ckpt_dir: str, pid_file: str, first_step: int) -> None:
-    from launcher.ray.worker import RemoteCheckpointSink
+def _save_forever(sink, in_place: bool, ckpt_dir: str, pid_file: str, first_step: int) -> None:
+    from launcher.ray.worker import DriverFiles, RemoteCheckpointSink
 
-    remote = RemoteCheckpointSink(sink)
+    files = DriverFiles(sink, in_place=in_place)
+    assert files.sees_driver_directory() is in_place  # this task runs on the driver's node
+    remote = RemoteCheckpointSink(files)
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
     step = first_step
@@ -54,7 +58,8 @@ def _assert_complete(path: str) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_kills_while_streaming_checkpoints_never_leave_a_partial_one(ray_cluster, tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["streamed", "in-place"])
+def test_kills_while_saving_checkpoints_never_leave_a_partial_one(in_place, ray_cluster, tmp_path):
     import ray
 
     from launcher.ray.backend import ensure_ray
@@ -62,17 +67,19 @@ def test_kills_while_streaming_checkpoints_never_leave_a_partial_one(ray_cluster
     ensure_ray(ray_cluster)
     ckpt_dir = tmp_path / "run" / "checkpoints"
     sink = ray.remote(DriverSink).options(num_cpus=0).remote(str(tmp_path / "run"), [], None, None)
-    stream = ray.remote(num_cpus=1, max_retries=0)(_stream_forever)
+    save = ray.remote(num_cpus=1, max_retries=0)(_save_forever)
     rng = random.Random(0)
     resumed_steps = []
     try:
         next_step = 1
         for trial in range(TRIALS):
             pid_file = tmp_path / f"pid-{trial}"
-            ref = stream.remote(sink, str(ckpt_dir), str(pid_file), next_step)
+            ref = save.remote(sink, in_place, str(ckpt_dir), str(pid_file), next_step)
             deadline = time.monotonic() + 120
             while not pid_file.exists() or not pid_file.read_text():
-                assert time.monotonic() < deadline, "the streaming task never started"
+                assert time.monotonic() < deadline, "the saving task never started"
+                if ray.wait([ref], timeout=0)[0]:
+                    ray.get(ref)  # it failed before saving anything: raise its error
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.5))
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -93,4 +100,5 @@ def test_kills_while_streaming_checkpoints_never_leave_a_partial_one(ray_cluster
     # The kills landed at different points: most trials committed something new, so the resume point moved on.
     assert len(resumed_steps) >= TRIALS // 2, resumed_steps
     assert resumed_steps == sorted(resumed_steps), resumed_steps
-    print(f"\nFAULT checkpoint-kills: {TRIALS} kills, every resume point complete: {resumed_steps}")
+    way = "in place" if in_place else "streamed"
+    print(f"\nFAULT checkpoint-kills ({way}): {TRIALS} kills, every resume point complete: {resumed_steps}")

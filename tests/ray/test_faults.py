@@ -233,6 +233,16 @@ def _extra_node(address: str, log: Path, cpus: int, hide: list[str]):
             time.sleep(1)
 
 
+def _save_a_checkpoint(sink, path: str, step: int) -> str:
+    """Save a checkpoint into the driver's directory as rank 0 does; returns which way it went."""
+    from launcher.ray.worker import DriverFiles, RemoteCheckpointSink
+
+    files = DriverFiles(sink)
+    state = {"global_step": step, "epoch": 0, "state_dict": {"w": torch.full((1000,), float(step))}}
+    RemoteCheckpointSink(files).save(state, path)
+    return "in place" if files.sees_driver_directory() else "streamed"
+
+
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def undisturbed(ray_cluster, tmp_path_factory):
@@ -344,6 +354,30 @@ def test_worker_on_a_node_without_the_drivers_files_streams_everything_back(ray_
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train_loss")] == list(range(STEPS_PER_EPOCH))
+
+    # Whichever node rank 0 lands on, its checkpoints reach the driver's directory: written in place from the
+    # driver's node, streamed from the node that cannot see it. Saved from each node in turn, through a sink
+    # actor on the driver's node as in a run.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from launcher.ray.driver_sink import DriverSink
+
+    on = lambda node: NodeAffinitySchedulingStrategy(node, soft=False)  # noqa: E731
+    sink = ray.remote(DriverSink).options(num_cpus=0, scheduling_strategy=on(driver_node)).remote(
+        str(run_dir), [], None, None)
+    save = ray.remote(num_cpus=0, max_retries=0)(_save_a_checkpoint)
+    try:
+        ways = {node: ray.get(save.options(scheduling_strategy=on(node)).remote(
+                    sink, str(run_dir / "checkpoints" / f"from-{i}.ckpt"), i + 1))
+                for i, node in enumerate([driver_node, other_node])}
+        assert ways == {driver_node: "in place", other_node: "streamed"}
+        assert ray.get(sink.latest_checkpoint.remote()) == str(run_dir / "checkpoints" / "from-1.ckpt")
+    finally:
+        ray.kill(sink, no_restart=True)
+    for i in range(2):
+        saved = torch.load(run_dir / "checkpoints" / f"from-{i}.ckpt", weights_only=True)
+        assert saved["global_step"] == i + 1 and torch.equal(saved["state_dict"]["w"], torch.full((1000,), i + 1.0))
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # nothing left over
 
 
 @pytest.mark.timeout(600)
