@@ -22,19 +22,45 @@ CHUNK_BYTES = 8 * 1024 * 1024
 WRITEBACK_BYTES = 64 * 1024 * 1024
 
 
-class _Upload:
-    """A file being received: its final path, the hidden temporary file, and the background writeback."""
+class WritebackFile:
+    """A file being written whose data goes to disk in the background, WRITEBACK_BYTES at a time, so that
+    the fsync that commits it waits for the tail only instead of the whole file."""
 
-    def __init__(self, path: str, handle: Any):
-        self.path = path
-        self.handle = handle
-        self.unsynced = 0
-        self.syncing: Future | None = None
+    def __init__(self, path: str, pool: ThreadPoolExecutor):
+        self.name = path
+        self.handle = open(path, "xb")
+        self._pool = pool
+        self._unsynced = 0
+        self._syncing: Future | None = None
 
-    def wait_for_writeback(self) -> None:
-        if self.syncing is not None:
-            self.syncing.result()
-            self.syncing = None
+    def write(self, data: Any) -> int:
+        """``data``: bytes, a memoryview (``torch.save``), or a numpy byte array read from the object store."""
+        written = self.handle.write(data)
+        self._unsynced += written
+        if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
+            self._wait_for_writeback()  # surfaces an error of the previous one
+            self.handle.flush()
+            self._syncing = self._pool.submit(os.fdatasync, self.handle.fileno())
+            self._unsynced = 0
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def _wait_for_writeback(self) -> None:
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            syncing.result()
+
+    def close(self, sync: bool = True) -> None:
+        """Close the file; with ``sync``, once all of it is on disk (else after the background writeback)."""
+        try:
+            self._wait_for_writeback()  # before the file descriptor is closed under it
+            if sync:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+        finally:
+            self.handle.close()
 
 
 class DriverSink:
@@ -48,7 +74,7 @@ class DriverSink:
                 logger.attach(run_dir, resume_step=resume_step)
         # Committed checkpoints still on disk, oldest first; restarts resume from the newest.
         self._committed: list[str] = [resume_from] if resume_from else []
-        self._uploads: dict[str, _Upload] = {}
+        self._uploads: dict[str, tuple[str, WritebackFile]] = {}  # token -> (final path, the file arriving)
         self._writeback: ThreadPoolExecutor | None = None  # started with the first upload
         self._progress: list[Any] = []
         self._lock = threading.Lock()
@@ -119,30 +145,19 @@ class DriverSink:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         token = uuid.uuid4().hex
         tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.upload-{token[:8]}")
-        self._uploads[token] = _Upload(path, open(tmp, "wb"))
         if self._writeback is None:
             self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylight-writeback")
+        self._uploads[token] = (path, WritebackFile(tmp, self._writeback))
         return token
 
     def upload_chunk(self, token: str, data: Any) -> None:
         """``data``: bytes, or a numpy byte array read from the object store without a copy."""
-        upload = self._uploads[token]
-        upload.handle.write(data)
-        upload.unsynced += len(data)
-        if upload.unsynced >= WRITEBACK_BYTES and (upload.syncing is None or upload.syncing.done()):
-            upload.wait_for_writeback()  # surfaces an error of the previous one
-            upload.handle.flush()
-            upload.syncing = self._writeback.submit(os.fdatasync, upload.handle.fileno())
-            upload.unsynced = 0
+        self._uploads[token][1].write(data)
 
     def upload_commit(self, token: str, is_checkpoint: bool = True, progress: dict | None = None) -> str:
-        upload = self._uploads.pop(token)
-        path, handle = upload.path, upload.handle
-        upload.wait_for_writeback()
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        return self._commit(handle.name, path, is_checkpoint, progress)
+        path, arriving = self._uploads.pop(token)
+        arriving.close(sync=True)
+        return self._commit(arriving.name, path, is_checkpoint, progress)
 
     def filesystem_probe(self) -> tuple[str, str]:
         """A new file in the run directory and its content: a worker that reads the same sees this directory."""
@@ -181,15 +196,14 @@ class DriverSink:
         return path
 
     def upload_abort(self, token: str) -> None:
-        upload = self._uploads.pop(token, None)
-        if upload is not None:
+        _, arriving = self._uploads.pop(token, (None, None))
+        if arriving is not None:
             try:
-                upload.wait_for_writeback()  # before the file descriptor is closed under it
+                arriving.close(sync=False)
             except OSError:
                 pass
-            upload.handle.close()
             try:
-                os.remove(upload.handle.name)
+                os.remove(arriving.name)
             except FileNotFoundError:
                 pass
 

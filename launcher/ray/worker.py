@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -126,8 +127,9 @@ class _ChunkStream:
 
 def upload(
     actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
-) -> None:
-    """Stream what ``write(file)`` writes to ``remote_path`` on the driver, in bounded chunks, committed atomically.
+) -> Any:
+    """Stream what ``write(file)`` writes to ``remote_path`` on the driver, in bounded chunks; returns the
+    reference of its atomic commit there (sent, not waited for).
 
     No local copy: ``torch.save``/``cloudpickle.dump`` write straight into the chunks, so a checkpoint
     is serialised once and never written to, or read back from, this worker's disk.
@@ -138,32 +140,11 @@ def upload(
     try:
         stream = _ChunkStream(actor, token)
         write(stream)
-        stream.finish()
-        ray.get(actor.upload_commit.remote(token, is_checkpoint, progress))
+        stream.finish()  # every chunk is written: only a complete file is ever committed
     except BaseException:
         actor.upload_abort.remote(token)
         raise
-
-
-def write_in_place(
-    actor: Any, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
-) -> None:
-    """Write ``remote_path`` from a worker that sees the driver's directory: a hidden file next to it, which the
-    sink actor fsyncs and renames over it (the same atomic commit as a streamed file, without the copies)."""
-    import ray
-
-    directory = os.path.dirname(remote_path) or "."
-    os.makedirs(directory, exist_ok=True)
-    # Not mkstemp: its file is private to this user, and a checkpoint gets the permissions a streamed one gets.
-    tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        ray.get(actor.commit_written.remote(tmp, remote_path, is_checkpoint, progress))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return actor.upload_commit.remote(token, is_checkpoint, progress)
 
 
 class DriverFiles:
@@ -173,11 +154,16 @@ class DriverFiles:
     the file there itself, as fast as a local ``torch.save``; any other worker streams it through the
     sink actor. Which one is decided once, by reading back a file the actor has just written.
     ``in_place=False`` always streams (``RAYLIGHT_STREAM_FILES=1``: measures another node's path on one).
+
+    Either way the actor commits the complete file (fsync, rename, fsync of the directory) while
+    training goes on: the actor runs this worker's calls in order, so a removal or the next file comes
+    after the commit, and a failed commit raises at this worker's next file, or at ``confirm``.
     """
 
     def __init__(self, actor: Any, in_place: bool = True):
         self.actor = actor
         self._sees_driver_directory: bool | None = None if in_place else False
+        self._unconfirmed: list[Any] = []  # commits and removals sent, not yet known to have worked
 
     def sees_driver_directory(self) -> bool:
         if self._sees_driver_directory is None:
@@ -193,11 +179,49 @@ class DriverFiles:
             self.actor.remove.remote(path)
         return self._sees_driver_directory
 
+    def confirm(self) -> None:
+        """Wait until every commit and removal sent so far is done; raises the first one's error."""
+        import ray
+
+        unconfirmed, self._unconfirmed = self._unconfirmed, []
+        ray.get(unconfirmed)
+
     def write(
-        self, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None = None
+        self,
+        remote_path: str,
+        is_checkpoint: bool,
+        write: Callable[[Any], None],
+        progress: dict | None = None,
+        wait: bool = False,
     ) -> None:
-        send = write_in_place if self.sees_driver_directory() else upload
-        send(self.actor, remote_path, is_checkpoint, write, progress)
+        """``write(file)`` becomes ``remote_path`` on the driver; with ``wait``, once it (and all before it) is committed."""
+        self.confirm()  # the previous file's commit: long done by now, unless it failed
+        if self.sees_driver_directory():
+            self._unconfirmed.append(self._write_in_place(remote_path, is_checkpoint, write, progress))
+        else:
+            self._unconfirmed.append(upload(self.actor, remote_path, is_checkpoint, write, progress))
+        if wait:
+            self.confirm()
+
+    def remove(self, remote_path: str) -> None:
+        self._unconfirmed.append(self.actor.remove.remote(remote_path))
+
+    def _write_in_place(
+        self, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None
+    ) -> Any:
+        """A hidden file next to ``remote_path``; returns the reference of the actor's commit of it."""
+        directory = os.path.dirname(remote_path) or "."
+        os.makedirs(directory, exist_ok=True)
+        # Not mkstemp: its file is private to this user; this one gets the permissions a streamed one gets.
+        tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "xb") as f:
+                write(f)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        return self.actor.commit_written.remote(tmp, remote_path, is_checkpoint, progress)
 
 
 def download_file(actor: Any, remote_path: str, local_path: str) -> None:
@@ -248,9 +272,7 @@ class RemoteCheckpointSink:
         self.files.write(path, True, lambda stream: torch.save(checkpoint, stream), progress)
 
     def remove(self, path: str) -> None:
-        import ray
-
-        ray.get(self.actor.remove.remote(path))
+        self.files.remove(path)
 
 
 def _plain(value: Any) -> Any:
@@ -426,6 +448,7 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, files: DriverFiles,
     else:
         result["predictions"] = engine.predict(module, job.dataloaders, job.datamodule, checkpoint, resume_from)
 
+    files.confirm()  # a failed checkpoint commit fails the stage, on the rank that sent it
     if rank != 0:
         return
     result.update(
@@ -439,4 +462,4 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, files: DriverFiles,
         should_stop=engine.should_stop,
         callbacks={cb.state_key: cb.state_dict() for cb in engine.callbacks},
     )
-    files.write(result_path, False, lambda stream: cloudpickle.dump(result, stream))
+    files.write(result_path, False, lambda stream: cloudpickle.dump(result, stream), wait=True)

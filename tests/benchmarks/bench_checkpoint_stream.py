@@ -25,9 +25,10 @@ Figures, measured in the same run:
 - added fit time per checkpoint: on the worker, the time from the module's
   ``on_train_epoch_end`` to the next ``on_train_epoch_start`` (or
   ``on_train_end``), median over the checkpoint epochs minus the median over
-  the plain epochs: building the dict, ``torch.save`` into the driver's run
-  directory (in place, or in chunks through the sink actor) and the atomic
-  commit (fsync, rename) there.
+  the plain epochs: building the dict and ``torch.save`` into the driver's run
+  directory (in place, or in chunks through the sink actor). The sink actor
+  commits the file (fsync, rename) while training goes on; the next
+  checkpoint waits for that commit, and the run's end waits for the last one.
 - local ``torch.save``: after training, the worker ``torch.save``s the last
   checkpoint dict it built (``on_save_checkpoint`` hands it over) to a local
   file, on the same disk; the better of two tries, without fsync (the cheapest

@@ -240,6 +240,7 @@ def _save_a_checkpoint(sink, path: str, step: int) -> str:
     files = DriverFiles(sink)
     state = {"global_step": step, "epoch": 0, "state_dict": {"w": torch.full((1000,), float(step))}}
     RemoteCheckpointSink(files).save(state, path)
+    files.confirm()  # the actor commits while training goes on; a worker's stage ends with this wait
     return "in place" if files.sees_driver_directory() else "streamed"
 
 
