@@ -194,7 +194,8 @@ class DriverFiles:
         progress: dict | None = None,
         wait: bool = False,
     ) -> None:
-        """``write(file)`` becomes ``remote_path`` on the driver; with ``wait``, once it (and all before it) is committed."""
+        """``write(file)`` becomes ``remote_path`` on the driver; with ``wait``, returns once it (and every file
+        before it) is committed."""
         self.confirm()  # the previous file's commit: long done by now, unless it failed
         if self.sees_driver_directory():
             self._unconfirmed.append(self._write_in_place(remote_path, is_checkpoint, write, progress))
@@ -264,7 +265,6 @@ class RemoteCheckpointSink:
 
     def __init__(self, files: DriverFiles):
         self.files = files
-        self.actor = files.actor
 
     def save(self, checkpoint: dict[str, Any], path: str) -> None:
         check_weights_only_safe(checkpoint)
