@@ -22,7 +22,7 @@ CHUNK_BYTES = 8 * 1024 * 1024
 WRITEBACK_BYTES = 64 * 1024 * 1024
 
 
-class WritebackFile:
+class _WritebackFile:
     """A file being written whose data goes to disk in the background, WRITEBACK_BYTES at a time, so that
     the fsync that commits it waits for the tail only instead of the whole file."""
 
@@ -34,7 +34,7 @@ class WritebackFile:
         self._syncing: Future | None = None
 
     def write(self, data: Any) -> int:
-        """``data``: bytes, a memoryview (``torch.save``), or a numpy byte array read from the object store."""
+        """``data``: bytes, or a numpy byte array read from the object store."""
         written = self.handle.write(data)
         self._unsynced += written
         if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
@@ -43,9 +43,6 @@ class WritebackFile:
             self._syncing = self._pool.submit(os.fdatasync, self.handle.fileno())
             self._unsynced = 0
         return written
-
-    def flush(self) -> None:
-        self.handle.flush()
 
     def _wait_for_writeback(self) -> None:
         if self._syncing is not None:
@@ -74,7 +71,7 @@ class DriverSink:
                 logger.attach(run_dir, resume_step=resume_step)
         # Committed checkpoints still on disk, oldest first; restarts resume from the newest.
         self._committed: list[str] = [resume_from] if resume_from else []
-        self._uploads: dict[str, tuple[str, WritebackFile]] = {}  # token -> (final path, the file arriving)
+        self._uploads: dict[str, tuple[str, _WritebackFile]] = {}  # token -> (final path, the file arriving)
         self._writeback: ThreadPoolExecutor | None = None  # started with the first upload
         self._progress: list[Any] = []
         self._lock = threading.Lock()
@@ -147,7 +144,7 @@ class DriverSink:
         tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.upload-{token[:8]}")
         if self._writeback is None:
             self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylight-writeback")
-        self._uploads[token] = (path, WritebackFile(tmp, self._writeback))
+        self._uploads[token] = (path, _WritebackFile(tmp, self._writeback))
         return token
 
     def upload_chunk(self, token: str, data: Any) -> None:
