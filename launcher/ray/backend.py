@@ -185,6 +185,7 @@ def run_job(
     except BaseException as err:
         if progress is not None:
             progress.stop()
+        _remove_unfinished(sink)
         ray.kill(sink, no_restart=True)
         if isinstance(err, ray.train.TrainingFailedError):
             raise _worker_error(err) from None
@@ -192,6 +193,7 @@ def run_job(
     if progress is not None:
         progress.stop()
     attempts = ray.get(sink.attempt_count.remote())
+    _remove_unfinished(sink)
     try:
         with open(result_path, "rb") as f:
             result = cloudpickle.load(f)
@@ -201,6 +203,16 @@ def run_job(
         ray.kill(sink, no_restart=True)
     result["attempts"] = attempts
     return result
+
+
+def _remove_unfinished(sink: Any) -> None:
+    """Remove the hidden files of workers killed mid-write (in the last attempt) from the driver's directory."""
+    import ray
+
+    try:
+        ray.get(sink.remove_unfinished.remote(), timeout=30)
+    except ray.exceptions.RayError:  # its own errors and the timeout
+        pass  # best effort, on the way out of a run that may have failed for this very reason
 
 
 class ResourceError(RuntimeError):

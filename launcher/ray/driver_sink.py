@@ -16,6 +16,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from runtime.checkpoint.durable import replace_durably
+
 CHUNK_BYTES = 8 * 1024 * 1024
 # While a file arrives, what is written is pushed to disk in the background about this often, so the
 # fsync that commits it waits for the tail only instead of the whole file.
@@ -73,6 +75,9 @@ class DriverSink:
         self._committed: list[str] = [resume_from] if resume_from else []
         self._uploads: dict[str, tuple[str, _WritebackFile]] = {}  # token -> (final path, the file arriving)
         self._writeback: ThreadPoolExecutor | None = None  # started with the first upload
+        # Hidden files being written (streamed, in place, probes): a worker killed mid-write leaves its own
+        # behind, removed when the next attempt begins or the run ends.
+        self._unfinished: set[str] = set()
         self._progress: list[Any] = []
         self._lock = threading.Lock()
         self.status = "running"
@@ -119,6 +124,7 @@ class DriverSink:
             return latest
         self.attempts += 1
         if self.attempts > 1:
+            self.remove_unfinished()  # the previous group's workers are gone, mid-write or not
             step = 0
             if latest is not None:
                 from runtime.checkpoint.io import load_checkpoint
@@ -145,6 +151,7 @@ class DriverSink:
         if self._writeback is None:
             self._writeback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylight-writeback")
         self._uploads[token] = (path, _WritebackFile(tmp, self._writeback))
+        self._unfinished.add(tmp)
         return token
 
     def upload_chunk(self, token: str, data: Any) -> None:
@@ -156,11 +163,16 @@ class DriverSink:
         arriving.close(sync=True)
         return self._commit(arriving.name, path, is_checkpoint, progress)
 
+    def expect_written(self, tmp: str) -> None:
+        """A worker that sees this directory is about to write ``tmp`` itself, for ``commit_written``."""
+        self._unfinished.add(tmp)
+
     def filesystem_probe(self) -> tuple[str, str]:
         """A new file in the run directory and its content: a worker that reads the same sees this directory."""
         token = uuid.uuid4().hex
         path = os.path.join(self.run_dir, f".probe-{token[:8]}")
         os.makedirs(self.run_dir, exist_ok=True)
+        self._unfinished.add(path)
         with open(path, "w") as f:
             f.write(token)
         return path, token
@@ -176,12 +188,8 @@ class DriverSink:
 
     def _commit(self, tmp: str, path: str, is_checkpoint: bool, progress: dict | None) -> str:
         """Rename the complete, fsynced ``tmp`` over ``path`` durably; a checkpoint becomes the newest one."""
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_durably(tmp, path)
+        self._unfinished.discard(tmp)
         if is_checkpoint:
             if path in self._committed:
                 self._committed.remove(path)
@@ -199,16 +207,26 @@ class DriverSink:
                 arriving.close(sync=False)
             except OSError:
                 pass
-            try:
-                os.remove(arriving.name)
-            except FileNotFoundError:
-                pass
+            self._remove_file(arriving.name)
 
-    def remove(self, path: str) -> None:
+    def remove_unfinished(self) -> list[str]:
+        """Remove the hidden files that workers began and never finished (killed mid-write); returns them."""
+        removed = sorted(path for path in self._unfinished if os.path.exists(path))
+        for token in list(self._uploads):
+            self.upload_abort(token)
+        for path in list(self._unfinished):
+            self._remove_file(path)
+        return removed
+
+    def _remove_file(self, path: str) -> None:
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
+        self._unfinished.discard(path)
+
+    def remove(self, path: str) -> None:
+        self._remove_file(path)
         if path in self._committed:
             self._committed.remove(path)
 

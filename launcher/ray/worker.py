@@ -176,7 +176,7 @@ class DriverFiles:
                 self._sees_driver_directory = same and os.access(os.path.dirname(path), os.W_OK)
             except OSError:
                 self._sees_driver_directory = False
-            self.actor.remove.remote(path)
+            self.remove(path)
         return self._sees_driver_directory
 
     def confirm(self) -> None:
@@ -215,6 +215,7 @@ class DriverFiles:
         os.makedirs(directory, exist_ok=True)
         # Not mkstemp: its file is private to this user; this one gets the permissions a streamed one gets.
         tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
+        self._unconfirmed.append(self.actor.expect_written.remote(tmp))  # removed there if this worker dies
         try:
             with open(tmp, "xb") as f:
                 write(f)

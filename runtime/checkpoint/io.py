@@ -15,7 +15,6 @@ dicts only. This module owns the three promises made about those files:
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import pickle
 import re
@@ -26,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
+from runtime.checkpoint.durable import fsync_directory
 
 __all__ = [
     "CheckpointError",
@@ -186,7 +187,7 @@ def atomic_save(checkpoint: dict, path: str) -> None:
         _remove_quietly(tmp_path)
         _add_note(exc, f"while saving checkpoint {path}")
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def _remove_quietly(path: str) -> None:
@@ -197,22 +198,6 @@ def _remove_quietly(path: str) -> None:
     except OSError:
         # Cleanup must not mask the error that got us here.
         pass
-
-
-def _fsync_directory(directory: str) -> None:
-    if not hasattr(os, "O_DIRECTORY"):
-        return  # Windows: directories cannot be opened for fsync.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems (certain FUSE and network mounts) do not support
-        # fsync on a directory; the rename is still atomic there, only its
-        # durability across power loss is up to the filesystem.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

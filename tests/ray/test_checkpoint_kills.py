@@ -8,7 +8,9 @@ hidden file in the driver's directory, as from the driver's node), each
 committed atomically by the actor. It SIGKILLs the task after a random delay:
 inside ``torch.save``, between chunks, or around the commit. After every kill,
 the checkpoint a restart would resume from, and every ``*.ckpt`` file in the
-driver's directory, must load completely and hold one consistent step.
+driver's directory, must load completely and hold one consistent step; once the
+restart begins (``begin_attempt``, as a restarted group's rank 0 calls it), no
+hidden half-written file of the killed worker is left in the directory.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def _save_forever(sink, in_place: bool, ckpt_dir: str, pid_file: str, first_step
         step += 1
 
 
+def _hidden_files(run_dir) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*"))
+
+
 def _assert_complete(path: str) -> int:
     checkpoint = load_checkpoint(path)  # raises on a truncated or corrupt file
     step = int(checkpoint["global_step"])
@@ -70,7 +76,9 @@ def test_kills_while_saving_checkpoints_never_leave_a_partial_one(in_place, ray_
     save = ray.remote(num_cpus=1, max_retries=0)(_save_forever)
     rng = random.Random(0)
     resumed_steps = []
+    left_by_kills = []
     try:
+        ray.get(sink.begin_attempt.remote(0))  # the first group's rank 0
         next_step = 1
         for trial in range(TRIALS):
             pid_file = tmp_path / f"pid-{trial}"
@@ -85,6 +93,9 @@ def test_kills_while_saving_checkpoints_never_leave_a_partial_one(in_place, ray_
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
             with pytest.raises(ray.exceptions.RayError):
                 ray.get(ref, timeout=120)
+            left_by_kills.append(_hidden_files(tmp_path / "run"))
+            ray.get(sink.begin_attempt.remote(0))  # a restarted group's rank 0: the killed worker's files go
+            assert _hidden_files(tmp_path / "run") == [], left_by_kills[-1]
 
             latest = ray.get(sink.latest_checkpoint.remote())
             if latest is None:
@@ -100,5 +111,7 @@ def test_kills_while_saving_checkpoints_never_leave_a_partial_one(in_place, ray_
     # The kills landed at different points: most trials committed something new, so the resume point moved on.
     assert len(resumed_steps) >= TRIALS // 2, resumed_steps
     assert resumed_steps == sorted(resumed_steps), resumed_steps
+    # Some kills landed mid-write and left a hidden file behind, which the restart removed.
+    assert any(left_by_kills), left_by_kills
     way = "in place" if in_place else "streamed"
     print(f"\nFAULT checkpoint-kills ({way}): {TRIALS} kills, every resume point complete: {resumed_steps}")

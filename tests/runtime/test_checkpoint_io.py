@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import errno
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -133,6 +135,41 @@ def test_failure_mid_write_keeps_the_previous_file_and_removes_the_temp_file(tmp
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["last.ckpt"]
     assert_same_checkpoint(load_checkpoint(str(path)), make_checkpoint(1))
+
+
+def _commit_by(how: str, checkpoint: dict, path: Path) -> None:
+    """Commit ``checkpoint`` to ``path`` the way the runtime does in one process, or the driver's sink actor on Ray."""
+    if how == "atomic_save":
+        atomic_save(checkpoint, str(path))
+        return
+    from launcher.ray.driver_sink import DriverSink
+
+    tmp = path.parent / f".{path.name}.written-test"
+    torch.save(checkpoint, tmp)  # what a worker on the driver's node writes in place
+    DriverSink(str(path.parent), [], None, None).commit_written(str(tmp), str(path))
+
+
+@pytest.mark.parametrize("how", ["atomic_save", "driver sink"])
+def test_a_filesystem_that_cannot_fsync_a_directory_still_gets_the_checkpoint(tmp_path, monkeypatch, how):
+    # Some FUSE and network mounts answer fsync on a directory with EINVAL: the rename is atomic there all
+    # the same, so the commit goes on; any other error (EIO: the disk failed) still fails the save.
+    real_fsync = os.fsync
+    refusal = {"errno": errno.EINVAL}
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(refusal["errno"], os.strerror(refusal["errno"]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "last.ckpt"
+    _commit_by(how, make_checkpoint(1), path)
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert_same_checkpoint(load_checkpoint(str(path)), make_checkpoint(1))
+
+    refusal["errno"] = errno.EIO
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        _commit_by(how, make_checkpoint(2), path)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
