@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,6 +81,7 @@ def ray_head(num_cpus: int = 4) -> Iterator[RayHead]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the head's logs and sockets
 
 
 def machine() -> dict[str, object]:

@@ -55,14 +55,23 @@ def dataset():
     n = WORKERS * STEPS * BATCH
     return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
 STAMPS = os.path.join(OUT, "stamps.json")
+MACHINE = []
+def machine_busy():
+    """Seconds of CPU that every process on the machine has used so far (and that the hypervisor stole)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 def stamp(stamps, cpu):
-    """Rank 0, at the start of a step: the wall clock, and this process's CPU time at the first and last timed steps."""
+    """Rank 0, at the start of a step: the wall clock; at the first and last timed steps, this process's CPU time
+    and the whole machine's."""
     stamps.append(time.perf_counter())
     if len(stamps) in (WARMUP + 1, STEPS):
         cpu.append(time.process_time())
+        MACHINE.append(machine_busy())
 def write_stamps(stamps, cpu):
     with open(STAMPS, "w") as f:
-        json.dump({"stamps": stamps, "cpu": cpu}, f)
+        json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE}, f)
 '''
 
 RAYLIGHT = COMMON + r'''
@@ -182,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     median_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     cpu_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    machine_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    steal_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
         scripts = {}
@@ -200,11 +211,15 @@ def main(argv: list[str] | None = None) -> dict:
                 timed = recorded["stamps"][args.warmup:]
                 cpu_start, cpu_end = recorded["cpu"]
                 cpu_step[(workers, variant)].append((cpu_end - cpu_start) / (len(timed) - 1))
+                (busy_start, steal_start), (busy_end, steal_end) = recorded["machine"]
+                machine_step[(workers, variant)].append((busy_end - busy_start) / (len(timed) - 1))
+                steal_step[(workers, variant)].append((steal_end - steal_start) / (len(timed) - 1))
                 per_step[(workers, variant)].append((timed[-1] - timed[0]) / (len(timed) - 1))
                 median_step[(workers, variant)].append(statistics.median(b - a for a, b in zip(timed, timed[1:])))
                 print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step "
                       f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f}, CPU "
-                      f"{cpu_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
+                      f"{cpu_step[(workers, variant)][-1] * 1e3:.2f}, machine CPU {machine_step[(workers, variant)][-1] * 1e3:.2f}, "
+                      f"stolen {steal_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
 
     rows = []
     for workers, variant in cells:
@@ -219,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "median_step_ms": statistics.median(ms) * 1e3, "median_step_ms_runs": [x * 1e3 for x in ms],
                      "median_step_ratio_vs_handwritten": statistics.median(ms) / base_median,
                      "cpu_ms_per_step": statistics.median(cpu) * 1e3, "cpu_ms_per_step_runs": [c * 1e3 for c in cpu],
-                     "cpu_ratio_vs_handwritten": statistics.median(cpu) / statistics.median(cpu_step[(workers, "handwritten")])})
+                     "cpu_ratio_vs_handwritten": statistics.median(cpu) / statistics.median(cpu_step[(workers, "handwritten")]),
+                     "machine_cpu_ms_per_step": statistics.median(machine_step[(workers, variant)]) * 1e3,
+                     "machine_cpu_ms_per_step_runs": [c * 1e3 for c in machine_step[(workers, variant)]],
+                     "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3})
     note = _plot(rows, args.plot) if args.plot else None
 
     info = machine()
@@ -245,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
           + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['cpu_ms_per_step']:.2f} / "
                       f"{by_cell[(w, 'raylight')]['cpu_ms_per_step']:.2f} = "
                       f"{by_cell[(w, 'raylight')]['cpu_ratio_vs_handwritten']:.3f}x" for w in sizes))
+    print("the whole machine's CPU time per step (every process: the workers, the driver, Ray's own, anything else "
+          "running), ms, hand-written / raylight; stolen by the hypervisor in brackets: "
+          + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['machine_cpu_ms_per_step']:.2f} "
+                      f"[{by_cell[(w, 'handwritten')]['stolen_ms_per_step']:.2f}] / "
+                      f"{by_cell[(w, 'raylight')]['machine_cpu_ms_per_step']:.2f} "
+                      f"[{by_cell[(w, 'raylight')]['stolen_ms_per_step']:.2f}]" for w in sizes))
     print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
     print(note or f"plot: {os.path.abspath(args.plot)}")
     result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
