@@ -25,7 +25,9 @@ of the single steps in that range (on a machine shared with other work,
 bursts of someone else's load inflate the mean of a run but not its median), and
 rank 0's process CPU time over the same steps (every thread of the worker
 process: what each variant makes the worker do, which other load on the
-machine does not change the way it changes wall time). Each variant
+machine does not change the way it changes wall time), split into its
+training thread and the rest (Ray's and gloo's threads), and the whole
+machine's CPU time (every process, from ``/proc/stat``). Each variant
 and worker count runs as its own Python process against one Ray head
 started here, interleaved round by round; the median is reported with the
 range. Goal: raylight within 5% of the hand-written loop at every size.
@@ -55,7 +57,7 @@ def dataset():
     n = WORKERS * STEPS * BATCH
     return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
 STAMPS = os.path.join(OUT, "stamps.json")
-MACHINE = []
+MACHINE, THREAD = [], []
 def machine_busy():
     """Seconds of CPU that every process on the machine has used so far (and that the hypervisor stole)."""
     with open("/proc/stat") as f:
@@ -64,14 +66,15 @@ def machine_busy():
     return (user + nice + system + irq + softirq) / tick, steal / tick
 def stamp(stamps, cpu):
     """Rank 0, at the start of a step: the wall clock; at the first and last timed steps, this process's CPU time
-    and the whole machine's."""
+    and the whole machine's, and this (the training) thread's."""
     stamps.append(time.perf_counter())
     if len(stamps) in (WARMUP + 1, STEPS):
         cpu.append(time.process_time())
         MACHINE.append(machine_busy())
+        THREAD.append(time.thread_time())
 def write_stamps(stamps, cpu):
     with open(STAMPS, "w") as f:
-        json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE}, f)
+        json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE, "thread": THREAD}, f)
 '''
 
 RAYLIGHT = COMMON + r'''
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     median_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     cpu_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     machine_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    thread_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     steal_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                 timed = recorded["stamps"][args.warmup:]
                 cpu_start, cpu_end = recorded["cpu"]
                 cpu_step[(workers, variant)].append((cpu_end - cpu_start) / (len(timed) - 1))
+                thread_start, thread_end = recorded["thread"]
+                thread_step[(workers, variant)].append((thread_end - thread_start) / (len(timed) - 1))
                 (busy_start, steal_start), (busy_end, steal_end) = recorded["machine"]
                 machine_step[(workers, variant)].append((busy_end - busy_start) / (len(timed) - 1))
                 steal_step[(workers, variant)].append((steal_end - steal_start) / (len(timed) - 1))
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                 median_step[(workers, variant)].append(statistics.median(b - a for a, b in zip(timed, timed[1:])))
                 print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step "
                       f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f}, CPU "
-                      f"{cpu_step[(workers, variant)][-1] * 1e3:.2f}, machine CPU {machine_step[(workers, variant)][-1] * 1e3:.2f}, "
+                      f"{cpu_step[(workers, variant)][-1] * 1e3:.2f} of which the training thread "
+                      f"{thread_step[(workers, variant)][-1] * 1e3:.2f}, machine CPU {machine_step[(workers, variant)][-1] * 1e3:.2f}, "
                       f"stolen {steal_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
 
     rows = []
@@ -235,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "median_step_ratio_vs_handwritten": statistics.median(ms) / base_median,
                      "cpu_ms_per_step": statistics.median(cpu) * 1e3, "cpu_ms_per_step_runs": [c * 1e3 for c in cpu],
                      "cpu_ratio_vs_handwritten": statistics.median(cpu) / statistics.median(cpu_step[(workers, "handwritten")]),
+                     "training_thread_cpu_ms_per_step": statistics.median(thread_step[(workers, variant)]) * 1e3,
+                     "other_threads_cpu_ms_per_step": statistics.median(
+                         c - t for c, t in zip(cpu, thread_step[(workers, variant)])) * 1e3,
                      "machine_cpu_ms_per_step": statistics.median(machine_step[(workers, variant)]) * 1e3,
                      "machine_cpu_ms_per_step_runs": [c * 1e3 for c in machine_step[(workers, variant)]],
                      "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3})
@@ -263,6 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
           + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['cpu_ms_per_step']:.2f} / "
                       f"{by_cell[(w, 'raylight')]['cpu_ms_per_step']:.2f} = "
                       f"{by_cell[(w, 'raylight')]['cpu_ratio_vs_handwritten']:.3f}x" for w in sizes))
+    print("of that, rank 0's training thread / its other threads (Ray's, gloo's), ms, hand-written; raylight: "
+          + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['training_thread_cpu_ms_per_step']:.2f} / "
+                      f"{by_cell[(w, 'handwritten')]['other_threads_cpu_ms_per_step']:.2f}; "
+                      f"{by_cell[(w, 'raylight')]['training_thread_cpu_ms_per_step']:.2f} / "
+                      f"{by_cell[(w, 'raylight')]['other_threads_cpu_ms_per_step']:.2f}" for w in sizes))
     print("the whole machine's CPU time per step (every process: the workers, the driver, Ray's own, anything else "
           "running), ms, hand-written / raylight; stolen by the hypervisor in brackets: "
           + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['machine_cpu_ms_per_step']:.2f} "
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{by_cell[(w, 'raylight')]['machine_cpu_ms_per_step']:.2f} "
                       f"[{by_cell[(w, 'raylight')]['stolen_ms_per_step']:.2f}]" for w in sizes))
     print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
-    print(note or f"plot: {os.path.abspath(args.plot)}")
+    if args.plot:
+        print(note or f"plot: {os.path.abspath(args.plot)}")
     result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
               "machine": info, "results": rows}
     if args.json:
