@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -161,12 +160,6 @@ VARIANT_ENV = {"raylight-ray-knobs": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}}
 DEFAULT_VARIANTS = "raylight,handwritten,lightning"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(script: str, address: str, out: str, env: dict[str, str]) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(script)
@@ -188,32 +181,18 @@ def main() -> None:
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
 
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="bench-ray-")
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while subprocess.run([ray_bin, "status", f"--address={address}"], env=env, capture_output=True).returncode:
-            if time.time() > deadline or head.poll() is not None:
-                raise RuntimeError("the Ray head did not start")
-            time.sleep(1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _ray_head import ray_env, ray_head
+
+    env = ray_env()
+    with ray_head() as head:
         times: dict[str, list[float]] = {name: [] for name in names}
         for round_idx in range(args.rounds):
             order = names[round_idx % len(names):] + names[: round_idx % len(names)]
             for name in order:
                 with tempfile.TemporaryDirectory() as out:
-                    times[name].append(_run(VARIANTS[name], address, out, {**env, **VARIANT_ENV.get(name, {})}))
+                    times[name].append(_run(VARIANTS[name], head.address, out, {**env, **VARIANT_ENV.get(name, {})}))
                 print(f"round {round_idx + 1}: {name} {times[name][-1]:.1f} s", flush=True)
-    finally:
-        os.killpg(head.pid, 15)
-        head.wait(timeout=60)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
