@@ -209,14 +209,12 @@ class DriverSink:
                 pass
             self._remove_file(arriving.name)
 
-    def remove_unfinished(self) -> list[str]:
-        """Remove the hidden files that workers began and never finished (killed mid-write); returns them."""
-        removed = sorted(path for path in self._unfinished if os.path.exists(path))
+    def remove_unfinished(self) -> None:
+        """Remove the hidden files that workers began and never finished (killed mid-write)."""
         for token in list(self._uploads):
             self.upload_abort(token)
         for path in list(self._unfinished):
             self._remove_file(path)
-        return removed
 
     def _remove_file(self, path: str) -> None:
         try:
