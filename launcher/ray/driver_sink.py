@@ -18,33 +18,58 @@ from typing import Any
 
 from runtime.checkpoint.durable import replace_durably
 
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 32 * 1024 * 1024
 # While a file arrives, what is written is pushed to disk in the background about this often, so the
 # fsync that commits it waits for the tail only instead of the whole file.
 WRITEBACK_BYTES = 64 * 1024 * 1024
 
 
+def _drop_from_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel that these bytes of a file already on disk will not be read soon (``length`` 0: to the end).
+
+    A run that keeps many checkpoints would otherwise fill the driver node's page cache with them, and each
+    new one would need memory the kernel has not handed out lately: on a VM that is the slow part of
+    writing a checkpoint (the host backs such pages on first touch). The freed pages serve the next one.
+    Only advice: pages not yet on disk stay, and a system without ``posix_fadvise`` keeps them all.
+    """
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 class _WritebackFile:
-    """A file being written whose data goes to disk in the background, WRITEBACK_BYTES at a time, so that
-    the fsync that commits it waits for the tail only instead of the whole file."""
+    """A file arriving in chunks whose data goes to disk in the background, WRITEBACK_BYTES at a time, so
+    that the fsync that commits it waits for the tail only; what is on disk leaves the page cache as the
+    file grows (see ``_drop_from_page_cache``), and the pages it frees take the next chunks."""
 
     def __init__(self, path: str, pool: ThreadPoolExecutor):
         self.name = path
         self.handle = open(path, "xb")
         self._pool = pool
+        self._written = 0
         self._unsynced = 0
+        self._written_back = 0  # bytes from the start handed to the background write-back
         self._syncing: Future | None = None
 
     def write(self, data: Any) -> int:
         """``data``: bytes, or a numpy byte array read from the object store."""
         written = self.handle.write(data)
+        self._written += written
         self._unsynced += written
         if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
             self._wait_for_writeback()  # surfaces an error of the previous one
             self.handle.flush()
-            self._syncing = self._pool.submit(os.fdatasync, self.handle.fileno())
+            self._syncing = self._pool.submit(self._write_back, self._written_back, self._written)
+            self._written_back = self._written
             self._unsynced = 0
         return written
+
+    def _write_back(self, start: int, end: int) -> None:
+        fd = self.handle.fileno()
+        os.fdatasync(fd)
+        _drop_from_page_cache(fd, start, end - start)
 
     def _wait_for_writeback(self) -> None:
         if self._syncing is not None:
@@ -58,6 +83,7 @@ class _WritebackFile:
             if sync:
                 self.handle.flush()
                 os.fsync(self.handle.fileno())
+                _drop_from_page_cache(self.handle.fileno(), self._written_back)
         finally:
             self.handle.close()
 
@@ -155,7 +181,7 @@ class DriverSink:
         return token
 
     def upload_chunk(self, token: str, data: Any) -> None:
-        """``data``: bytes, or a numpy byte array read from the object store without a copy."""
+        """``data``: a numpy byte array, read from the object store without a copy."""
         self._uploads[token][1].write(data)
 
     def upload_commit(self, token: str, is_checkpoint: bool = True, progress: dict | None = None) -> str:
@@ -182,6 +208,7 @@ class DriverSink:
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+            _drop_from_page_cache(fd)
         finally:
             os.close(fd)
         return self._commit(tmp, path, is_checkpoint, progress)

@@ -94,8 +94,7 @@ class _ChunkStream:
             self._buffer += view[:take]
             view = view[take:]
             if len(self._buffer) == CHUNK_BYTES:
-                self._send(bytes(self._buffer))
-                self._buffer.clear()
+                self._send_buffer()
         while len(view) >= CHUNK_BYTES:
             # Large tensors go out without passing through the buffer, as numpy views: Ray copies them
             # into the object store once, and the sink writes them to disk from there without a copy.
@@ -108,7 +107,14 @@ class _ChunkStream:
     def flush(self) -> None:
         pass  # chunks leave when full; finish() sends the rest
 
-    def _send(self, chunk: bytes | np.ndarray) -> None:
+    def _send_buffer(self) -> None:
+        # As a numpy array, like the large pieces: sent as ``bytes`` it would be copied once more here and
+        # once more by the sink (Ray hands raw bytes over as a fresh copy). Ray copies the argument into the
+        # object store when the call is made, so a new buffer is only a precaution.
+        self._send(np.frombuffer(self._buffer, dtype=np.uint8))
+        self._buffer = bytearray()
+
+    def _send(self, chunk: np.ndarray) -> None:
         import ray
 
         self._pending.append(self._actor.upload_chunk.remote(self._token, chunk))
@@ -119,8 +125,7 @@ class _ChunkStream:
         import ray
 
         if self._buffer:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+            self._send_buffer()
         ray.get(self._pending)
         self._pending.clear()
 

@@ -172,6 +172,73 @@ def test_a_filesystem_that_cannot_fsync_a_directory_still_gets_the_checkpoint(tm
         _commit_by(how, make_checkpoint(2), path)
 
 
+def _resident_fraction(path: Path) -> float:
+    """The part of ``path``'s pages in the page cache (``mincore`` on a read-only mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vector = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vector) / pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not sys.platform.startswith("linux"), reason="Linux page cache")
+@pytest.mark.parametrize("way", ["streamed", "in place"])
+def test_a_committed_checkpoint_leaves_the_driver_nodes_page_cache(tmp_path, way):
+    # A run that keeps every checkpoint must not pile them up in the driver node's memory: once a file is
+    # on disk, its pages go back to the kernel (and the next checkpoint is written into them).
+    from launcher.ray.driver_sink import WRITEBACK_BYTES, DriverSink
+
+    weights = torch.arange(3 * WRITEBACK_BYTES // 2 // 4, dtype=torch.float32)  # past the streamed write-back step
+    checkpoint = {"state_dict": {"w": weights}, "global_step": 7}
+    control = tmp_path / "control.ckpt"  # the same file, written and fsynced by plain means
+    with open(control, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    assert _resident_fraction(control) > 0.9, "a file just written is in the page cache"
+    fd = os.open(control, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident_fraction(control) > 0.5:
+        pytest.skip(f"{tmp_path} keeps files in memory (tmpfs?): its page cache is the storage")
+
+    sink = DriverSink(str(tmp_path), [], None, None)
+    path = tmp_path / "checkpoints" / "epoch=0-step=7.ckpt"
+    if way == "streamed":
+        token = sink.upload_begin(str(path))
+        data = control.read_bytes()
+        for start in range(0, len(data), 8 << 20):
+            sink.upload_chunk(token, np.frombuffer(data, dtype=np.uint8)[start : start + (8 << 20)])
+        sink.upload_commit(token, True, {"epoch": 0, "global_step": 7})
+    else:
+        path.parent.mkdir()
+        tmp = path.parent / f".{path.name}.written-test"
+        torch.save(checkpoint, tmp)  # what a worker on the driver's node writes in place
+        sink.commit_written(str(tmp), str(path), True, {"epoch": 0, "global_step": 7})
+
+    assert _resident_fraction(path) < 0.1
+    assert sink.latest_checkpoint() == str(path)
+    loaded = load_checkpoint(str(path))
+    assert loaded["global_step"] == 7 and torch.equal(loaded["state_dict"]["w"], weights)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
 def test_process_killed_mid_write_keeps_the_previous_file_readable(tmp_path):
     path = tmp_path / "last.ckpt"
