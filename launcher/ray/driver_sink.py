@@ -49,7 +49,6 @@ class _WritebackFile:
         self.handle = open(path, "xb")
         self._pool = pool
         self._written = 0
-        self._unsynced = 0
         self._written_back = 0  # bytes from the start handed to the background write-back
         self._syncing: Future | None = None
 
@@ -57,13 +56,11 @@ class _WritebackFile:
         """``data``: bytes, or a numpy byte array read from the object store."""
         written = self.handle.write(data)
         self._written += written
-        self._unsynced += written
-        if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
+        if self._written - self._written_back >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
             self._wait_for_writeback()  # surfaces an error of the previous one
             self.handle.flush()
             self._syncing = self._pool.submit(self._write_back, self._written_back, self._written)
             self._written_back = self._written
-            self._unsynced = 0
         return written
 
     def _write_back(self, start: int, end: int) -> None:
