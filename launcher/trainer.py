@@ -259,7 +259,7 @@ class Trainer:
 
     def _job(self, stage: str, model, initial_progress=None, **data):
         """The job the workers run: what this Trainer's spec says, for ``stage``, with its data."""
-        from launcher.ray.job import STREAM_FILES_ENV, Job
+        from launcher.ray.job import STREAM_FILES_ENV, TUNE_MALLOC_ENV, Job
 
         return Job(
             stage=stage,
@@ -269,6 +269,7 @@ class Trainer:
             logger_count=len(self.loggers),
             progress_bar=self.spec.enable_progress_bar,
             stream_files=os.environ.get(STREAM_FILES_ENV, "") == "1",
+            tune_malloc=os.environ.get(TUNE_MALLOC_ENV, "1") != "0",
             initial_progress=initial_progress,
             **{k: v for k, v in data.items() if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule")},
         )

@@ -24,6 +24,8 @@ from runtime.seed import SEED_ENV, SEED_WORKERS_ENV, capture_rng_state
 LARGE_JOB_BYTES = 64 * 1024 * 1024
 # Set to 1 on the driver: workers stream checkpoints through Ray even where they see the run directory.
 STREAM_FILES_ENV = "RAYLIGHT_STREAM_FILES"
+# Set to 0 on the driver or on a worker's node: workers keep glibc's own malloc settings (worker.tune_allocator).
+TUNE_MALLOC_ENV = "RAYLIGHT_TUNE_MALLOC"
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Job:
     progress_bar: bool = True  # whether the driver shows a progress bar (else rank 0 sends no progress)
     # Always stream checkpoints to the driver, even from a worker that sees its run directory (STREAM_FILES_ENV).
     stream_files: bool = False
+    # False when the driver was started with RAYLIGHT_TUNE_MALLOC=0 (TUNE_MALLOC_ENV): workers leave malloc alone.
+    tune_malloc: bool = True
     # Workers look for a preemption notice about this often (agreed across ranks as a step count).
     preemption_check_seconds: float = 1.0
     # (epoch, global_step, batches_that_stepped) of the fit before validate/test/predict: Engine.continue_from

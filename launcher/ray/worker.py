@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from launcher.ray.driver_sink import CHUNK_BYTES
+from launcher.ray.job import TUNE_MALLOC_ENV
 from runtime.checkpoint.io import check_weights_only_safe, load_checkpoint
 from runtime.seed import SEED_ENV, restore_rng_state
 from runtime.engine import Engine
@@ -28,13 +29,12 @@ PROGRESS_PER_SECOND = 5.0
 # Chunks in flight per upload or download: bounds the memory a checkpoint occupies in the object store.
 UPLOAD_WINDOW = 2
 # glibc malloc settings for a training worker (see tune_allocator); RAYLIGHT_TUNE_MALLOC=0 keeps glibc's own.
-TUNE_MALLOC_ENV = "RAYLIGHT_TUNE_MALLOC"
 MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
 MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
 
 
-def tune_allocator() -> bool:
+def tune_allocator(enabled: bool = True) -> bool:
     """Keep memory a training step frees for the next step, instead of handing it back to the kernel.
 
     glibc serves blocks above a moving threshold (128 KiB to start) with their own mappings and trims the
@@ -42,9 +42,9 @@ def tune_allocator() -> bool:
     VM, memory the kernel has just been given back is expensive to touch. Fixed thresholds (blocks up to
     32 MiB from the heap; up to 256 MiB of free heap kept) make a step reuse the last one's memory. Returns
     whether it applied: not on another C library, nor where the user set ``MALLOC_*_THRESHOLD_`` or
-    ``RAYLIGHT_TUNE_MALLOC=0``.
+    ``RAYLIGHT_TUNE_MALLOC=0`` (here, or on the driver: ``enabled=False``).
     """
-    if os.environ.get(TUNE_MALLOC_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if not enabled or os.environ.get(TUNE_MALLOC_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False  # the user's own settings win
@@ -391,10 +391,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _run_worker(config: dict[str, Any], rank: int) -> None:
     import ray
 
-    tune_allocator()
-
     actor = config["sink"]
     job = cloudpickle.loads(ray.get(config["job"]))
+    tune_allocator(job.tune_malloc)
     resume_from = ray.get(actor.begin_attempt.remote(rank))
 
     checkpoint = None

@@ -7,7 +7,9 @@ validate and test on the same Trainer, ``resumed`` is the four fits of the resum
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
+import platform
 import re
 import threading
 import time
@@ -413,6 +415,51 @@ def test_one_worker_run_reproduces_the_in_process_run(ray_cluster, tmp_path):
     assert states[1].keys() == states[0].keys()
     for key, value in states[0].items():
         assert torch.equal(states[1][key], value), key
+
+
+class LargeBlockProbe(LightningModule):
+    """Allocates a 24 MiB block in its first step and logs how much of it glibc served with a mapping of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        class MallInfo2(ctypes.Structure):  # made here: a ctypes structure class cannot be pickled into the job
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2.restype = MallInfo2
+        before = mallinfo2().hblkhd  # bytes in blocks that have their own mapping
+        block = bytearray(24 * 2**20)
+        self.log("mapped_mib", (mallinfo2().hblkhd - before) / 2**20, on_step=False, on_epoch=True)
+        del block
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings (mallinfo2: glibc 2.33+)")
+def test_workers_tune_malloc_unless_the_driver_sets_raylight_tune_malloc_0(ray_cluster, tmp_path, monkeypatch):
+    # A tuned worker serves blocks up to 32 MiB from its heap (memory a step frees stays for the next step);
+    # glibc's own settings map a block that large for itself and unmap it when it is freed. The workers run
+    # on the cluster's nodes, which the driver's environment does not reach: its RAYLIGHT_TUNE_MALLOC=0
+    # travels with the job.
+    monkeypatch.delenv("RAYLIGHT_TUNE_MALLOC", raising=False)
+    mapped = {}
+    for setting in ("default", "0"):
+        if setting == "0":
+            monkeypatch.setenv("RAYLIGHT_TUNE_MALLOC", "0")
+        trainer = Trainer(
+            num_workers=1, address=ray_cluster, default_root_dir=str(tmp_path), run_name=f"malloc-{setting}",
+            max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+        )
+        trainer.fit(LargeBlockProbe(), DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=4))
+        mapped[setting] = float(trainer.callback_metrics["mapped_mib"])
+    assert mapped["default"] == 0, f"a worker should serve a 24 MiB block from its heap, MiB mapped: {mapped}"
+    assert mapped["0"] >= 24, f"RAYLIGHT_TUNE_MALLOC=0 on the driver should leave glibc's settings, MiB mapped: {mapped}"
 
 
 # ============================================================== predict
