@@ -1,26 +1,39 @@
 """Per-step time on 1 and 2 Ray Train workers: raylight vs the same loop hand-written with Ray Train.
 
-    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 400] [--json out.json] [--plot scaling.png]
+    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 3000] [--warmup 8] [--json out.json] [--plot scaling.png] [--also raylight-glibc-malloc,raylight-ray-health-check]
 
 Needs matplotlib for the plot (``pip install matplotlib``; without it the
 figures are printed and no PNG is written).
 
 Workload, identical in both variants: an MLP 128-512-512-10 (cross-entropy,
-SGD lr 0.01), batch 128 per worker, random data sharded with a
-``DistributedSampler``, DDP over gloo, on CPU, ``--steps`` steps per worker,
+SGD lr 0.01), batch 128 per worker, random data built on each worker and
+sharded with a ``DistributedSampler``, DDP over gloo, on CPU, ``--steps`` steps per worker,
 no validation, no checkpoints, no logger.
 
 - ``raylight``: ``launcher.Trainer(num_workers=N, max_steps=steps,
   logger=False, enable_checkpointing=False, enable_progress_bar=False)``;
   ``training_step`` also calls ``self.log("train_loss", loss)`` as a module
-  usually does.
+  usually does; its ``train_dataloader()`` builds the data.
 - ``handwritten``: ``ray.train.torch.TorchTrainer`` running
   ``prepare_model``/``prepare_data_loader`` and a plain loop
   (``zero_grad``, forward, loss, ``backward``, ``step``).
 
-What is timed: on rank 0, the wall time from the start of step
-``--warmup`` to the start of the last step, divided by the steps in between
-(steady state; start-up is measured by ``bench_ray_job.py``), and the median
+With ``--also``, variants of ``raylight`` that measure one of its settings in
+the same run:
+
+- ``raylight-glibc-malloc``: ``RAYLIGHT_TUNE_MALLOC=0`` on the driver, so its
+  workers keep glibc's own malloc settings;
+- ``raylight-ray-health-check``: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2`` on
+  the driver (Ray Train's default; raylight sets 0.2 s);
+- ``raylight-shipped-data``: the driver builds the dataset and passes its
+  ``DataLoader`` to ``fit()``, so the data travels to the workers inside the
+  job (``raylight`` builds it on each worker in ``train_dataloader()``).
+
+What is timed: on rank 0, the wall time from the start of the first step
+that starts ``--warmup`` seconds after its first step (Ray Train starts actors
+of its own, a preemption watcher among them, while the first steps run) to the
+start of the last step, divided by the steps in between (steady state;
+start-up is measured by ``bench_ray_job.py``), and the median
 of the single steps in that range (on a machine shared with other work,
 bursts of someone else's load inflate the mean of a run but not its median), and
 rank 0's process CPU time over the same steps (every thread of the worker
@@ -47,7 +60,7 @@ import json, os, sys, time
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-VARIANT, WORKERS, STEPS, WARMUP, ADDRESS, OUT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+VARIANT, WORKERS, STEPS, WARMUP, ADDRESS, OUT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
 BATCH = 128
 def net():
     torch.manual_seed(0)
@@ -67,8 +80,9 @@ def machine_busy():
 def stamp(stamps, cpu):
     """Rank 0, at the start of a step: the wall clock; at the first and last timed steps, this process's CPU time
     and the whole machine's, and this (the training) thread's."""
-    stamps.append(time.perf_counter())
-    if len(stamps) in (WARMUP + 1, STEPS):
+    now = time.perf_counter()
+    stamps.append(now)
+    if (not cpu and now - stamps[0] >= WARMUP) or (cpu and len(stamps) == STEPS):
         cpu.append(time.process_time())
         MACHINE.append(machine_busy())
         THREAD.append(time.thread_time())
@@ -86,6 +100,8 @@ class Model(LightningModule):
         super().__init__()
         self.net = net()
         self.stamps, self.cpu = [], []
+    def train_dataloader(self):
+        return DataLoader(dataset(), batch_size=BATCH)  # built on each worker, as the hand-written loop does
     def training_step(self, batch, batch_idx):
         if self.global_rank == 0:
             stamp(self.stamps, self.cpu)
@@ -100,7 +116,10 @@ class Model(LightningModule):
 
 trainer = Trainer(max_steps=STEPS, num_workers=WORKERS, address=ADDRESS, default_root_dir=OUT, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
-trainer.fit(Model(), DataLoader(dataset(), batch_size=BATCH))
+if os.environ.get("BENCH_SHIP_DATA") == "1":
+    trainer.fit(Model(), DataLoader(dataset(), batch_size=BATCH))  # the data travels from the driver in the job
+else:
+    trainer.fit(Model())
 assert trainer.global_step == STEPS, trainer.global_step
 '''
 
@@ -134,9 +153,15 @@ ray.train.torch.TorchTrainer(
 '''
 
 VARIANTS = {"raylight": RAYLIGHT, "handwritten": HANDWRITTEN}
+# --also: variant name -> (script, extra environment of its driver process).
+SETTING_VARIANTS = {
+    "raylight-glibc-malloc": ("raylight", {"RAYLIGHT_TUNE_MALLOC": "0"}),
+    "raylight-ray-health-check": ("raylight", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}),
+    "raylight-shipped-data": ("raylight", {"BENCH_SHIP_DATA": "1"}),
+}
 
 
-def _plot(rows: list[dict], path: str) -> str | None:
+def _plot(rows: list[dict], variants: list[str], path: str) -> str | None:
     try:
         import matplotlib
     except ImportError:
@@ -146,9 +171,9 @@ def _plot(rows: list[dict], path: str) -> str | None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     workers = sorted({row["workers"] for row in rows})
-    width = 0.35
-    for i, variant in enumerate(VARIANTS):
-        xs = [w + (i - 0.5) * width for w in workers]
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        xs = [w + (i - (len(variants) - 1) / 2) * width for w in workers]
         cells = [next(r for r in rows if r["workers"] == w and r["variant"] == variant) for w in workers]
         meds = [c["ms_per_step"] for c in cells]
         err = [[m - c["ms_per_step_min"] for m, c in zip(meds, cells)], [c["ms_per_step_max"] - m for m, c in zip(meds, cells)]]
@@ -164,10 +189,15 @@ def _plot(rows: list[dict], path: str) -> str | None:
                      ["median_step_ratio_vs_handwritten"] for w in workers]
     right.plot(workers, ratios, "o-", label="raylight / hand-written (mean step)")
     right.plot(workers, median_ratios, "s--", label="same, median step")
+    for variant in variants:
+        if variant not in VARIANTS:
+            right.plot(workers, [next(r for r in rows if r["workers"] == w and r["variant"] == variant)
+                                 ["ratio_vs_handwritten"] for w in workers], "^:", label=f"{variant} / hand-written")
     right.axhline(1.05, color="red", linestyle="--", label="goal: 1.05")
     right.axhline(1.0, color="gray", linewidth=0.8)
     right.set_xticks(workers)
-    right.set_ylim(min(0.8, min(ratios + median_ratios) - 0.05), max(1.2, max(ratios + median_ratios) + 0.05))
+    shown = ratios + median_ratios + [r["ratio_vs_handwritten"] for r in rows if r["variant"] not in VARIANTS]
+    right.set_ylim(min(0.8, min(shown) - 0.05), max(1.2, max(shown) + 0.05))
     right.set_xlabel("Ray Train workers (CPU, gloo)")
     right.set_title("ratio")
     right.legend()
@@ -184,19 +214,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=50, help="steps not timed at the start")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--warmup", type=float, default=8.0,
+                        help="seconds of training not timed at the start (Ray Train starts actors of its own then)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PNG", default="scaling.png")
+    parser.add_argument("--also", default="", metavar="VARIANTS",
+                        help=f"comma-separated variants of raylight's settings to run too: {', '.join(SETTING_VARIANTS)}")
     args = parser.parse_args(argv)
     sizes = [int(w) for w in args.workers.split(",") if w]
-    cells = [(w, v) for w in sizes for v in VARIANTS]
+    runs = {name: (name, {}) for name in VARIANTS}
+    for name in filter(None, args.also.split(",")):
+        if name not in SETTING_VARIANTS:
+            parser.error(f"--also {name!r}: not a variant; choose from {', '.join(SETTING_VARIANTS)}")
+        runs[name] = SETTING_VARIANTS[name]
+    cells = [(w, v) for w in sizes for v in runs]
     per_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     median_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     cpu_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     machine_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     thread_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     steal_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    runs_stamps: list[dict] = []  # every run's step start times, in the --json output
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
         scripts = {}
@@ -208,11 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
             shift = r % len(cells)
             for workers, variant in cells[shift:] + cells[:shift]:
                 with tempfile.TemporaryDirectory(dir=scratch) as out:
-                    run_child([scripts[variant], variant, str(workers), str(args.steps), str(args.warmup),
-                               head.address, out])
+                    script, env = runs[variant]
+                    run_child([scripts[script], script, str(workers), str(args.steps), str(args.warmup),
+                               head.address, out], env=env)
                     with open(os.path.join(out, "stamps.json")) as f:
                         recorded = json.load(f)
-                timed = recorded["stamps"][args.warmup:]
+                stamps = recorded["stamps"]
+                if len(recorded["cpu"]) != 2:
+                    raise SystemExit(f"{variant} x{workers}: {len(stamps)} steps took {stamps[-1] - stamps[0]:.1f} s, "
+                                     f"not more than --warmup {args.warmup} s; raise --steps")
+                timed = [t for t in stamps if t - stamps[0] >= args.warmup]
+                runs_stamps.append({"workers": workers, "variant": variant, "round": r + 1, "stamps": stamps})
                 cpu_start, cpu_end = recorded["cpu"]
                 cpu_step[(workers, variant)].append((cpu_end - cpu_start) / (len(timed) - 1))
                 thread_start, thread_end = recorded["thread"]
@@ -248,10 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "machine_cpu_ms_per_step": statistics.median(machine_step[(workers, variant)]) * 1e3,
                      "machine_cpu_ms_per_step_runs": [c * 1e3 for c in machine_step[(workers, variant)]],
                      "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3})
-    note = _plot(rows, args.plot) if args.plot else None
+    note = _plot(rows, list(runs), args.plot) if args.plot else None
 
     info = machine()
-    print(f"\nscaling: MLP 128-512-512-10, batch 128 per worker, steps {args.warmup}..{args.steps} timed on rank 0, "
+    print(f"\nscaling: MLP 128-512-512-10, batch 128 per worker, {args.steps} steps, the steps after the first "
+          f"{args.warmup:g} s timed on rank 0, "
           f"median of {args.rounds} interleaved rounds")
     print(f"machine: {info['cpu']}, {info['logical_cpus']} CPUs | python {info['python']} | torch {info['torch']} | "
           f"ray {info['ray']}")
@@ -284,11 +330,18 @@ def main(argv: list[str] | None = None) -> dict:
                       f"[{by_cell[(w, 'handwritten')]['stolen_ms_per_step']:.2f}] / "
                       f"{by_cell[(w, 'raylight')]['machine_cpu_ms_per_step']:.2f} "
                       f"[{by_cell[(w, 'raylight')]['stolen_ms_per_step']:.2f}]" for w in sizes))
+    for variant in runs:
+        if variant not in VARIANTS:
+            print(f"{variant} / hand-written, mean step (paired runs); raylight / {variant}: " + "; ".join(
+                f"{w} worker(s): {by_cell[(w, variant)]['ratio_vs_handwritten']:.3f}x "
+                f"({', '.join(f'{p:.3f}' for p in by_cell[(w, variant)]['ratio_paired_runs'])}); "
+                f"{by_cell[(w, 'raylight')]['ms_per_step'] / by_cell[(w, variant)]['ms_per_step']:.3f}x"
+                for w in sizes))
     print("goal: raylight within 5% of the hand-written loop (ratio <= 1.05) at every size")
     if args.plot:
         print(note or f"plot: {os.path.abspath(args.plot)}")
     result = {"config": {"workers": sizes, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
-              "machine": info, "results": rows}
+              "machine": info, "results": rows, "runs": runs_stamps}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
