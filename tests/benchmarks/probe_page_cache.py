@@ -3,15 +3,20 @@
     python tests/benchmarks/probe_page_cache.py [--size 512] [--files 4] [--rounds 2] [--dir DIR]
 
 No Ray, no torch: one process writes ``--files`` files of ``--size`` MiB into
-``--dir`` (default: a temporary directory on the same disk as /tmp), 32 MiB
-per ``write``, each file fsynced and kept until the round ends, as a run that
-keeps every checkpoint keeps them; two ways, side by side in every round:
+``--dir`` (default: a temporary directory on the same disk as /tmp), each
+fsynced and kept until the round ends, as a run that keeps every checkpoint
+keeps them; two ways, side by side in every round. Both write through the
+driver's sink actor's own file writer (``_WritebackFile`` in
+``launcher/ray/driver_sink.py``), as an arriving
+checkpoint is written: in the sink's chunks (``CHUNK_BYTES``), every 64 MiB a
+background thread pushes what was written to disk, and the commit fsyncs the
+tail. They differ in one thing:
 
-- ``keep``: the files stay in the page cache after their fsync (what a plain
-  ``torch.save`` + fsync leaves behind);
-- ``drop``: what is on disk leaves the page cache every 64 MiB and after the
-  final fsync (``posix_fadvise(DONTNEED)``), as the driver's sink actor does
-  with an arriving checkpoint (``launcher/ray/driver_sink.py``).
+- ``drop``: as the sink runs, what is on disk leaves the page cache
+  (``posix_fadvise(DONTNEED)``, ``_drop_from_page_cache``);
+- ``keep``: that call is switched off, so the files stay in the page cache
+  after their fsync (as the sink left them before it dropped pages, and as a
+  plain ``torch.save`` + fsync leaves them).
 
 Printed per file: wall time and the process's system CPU time. On the 2-CPU VM
 the README's figures come from, a kept file's successor pays for memory the
@@ -23,32 +28,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import launcher.ray.driver_sink as sink  # noqa: E402  (imports neither Ray nor torch)
 
 MIB = 2**20
-WRITE_BYTES = 32 * MIB
-WRITEBACK_BYTES = 64 * MIB
 
 
-def write_file(path: str, data: memoryview, drop: bool) -> tuple[float, float]:
-    start, cpu = time.perf_counter(), os.times()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def write_file(path: str, data: memoryview, pool: ThreadPoolExecutor, drop: bool) -> tuple[float, float]:
+    """Write ``data`` in the sink's chunks through its writer and commit it (fsync); ``drop``: as the sink does."""
+    kept = sink._drop_from_page_cache
+    if not drop:
+        sink._drop_from_page_cache = lambda fd, offset=0, length=0: None
     try:
-        on_disk = 0
-        for offset in range(0, len(data), WRITE_BYTES):
-            os.write(fd, data[offset : offset + WRITE_BYTES])
-            end = offset + WRITE_BYTES
-            if drop and end - on_disk >= WRITEBACK_BYTES:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, on_disk, end - on_disk, os.POSIX_FADV_DONTNEED)
-                on_disk = end
-        os.fsync(fd)
-        if drop:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        start, cpu = time.perf_counter(), os.times()
+        file = sink._WritebackFile(path, pool)
+        for offset in range(0, len(data), sink.CHUNK_BYTES):
+            file.write(data[offset : offset + sink.CHUNK_BYTES])
+        file.close(sync=True)
+        return time.perf_counter() - start, os.times().system - cpu.system
     finally:
-        os.close(fd)
-    return time.perf_counter() - start, os.times().system - cpu.system
+        sink._drop_from_page_cache = kept
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.files} files of {args.size} MiB per way, fsynced and kept until the round ends; "
           f"wall s (system CPU s) per file")
     totals = {"keep": [], "drop": []}
-    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory, ThreadPoolExecutor(1) as pool:
         for r in range(args.rounds):
             for way in ("keep", "drop") if r % 2 == 0 else ("drop", "keep"):
                 paths = [os.path.join(directory, f"{way}-{i}") for i in range(args.files)]
-                results = [write_file(path, data, way == "drop") for path in paths]
+                results = [write_file(path, data, pool, way == "drop") for path in paths]
                 for path in paths:
                     os.remove(path)
                 totals[way].append(sum(wall for wall, _ in results))
