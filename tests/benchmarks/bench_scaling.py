@@ -1,6 +1,6 @@
 """Per-step time on 1 and 2 Ray Train workers: raylight vs the same loop hand-written with Ray Train.
 
-    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 3000] [--warmup 8] [--json out.json] [--plot scaling.png] [--also raylight-glibc-malloc,raylight-ray-health-check]
+    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 3000] [--warmup 8] [--json out.json] [--plot scaling.png] [--also VARIANT,...]
 
 Needs matplotlib for the plot (``pip install matplotlib``; without it the
 figures are printed and no PNG is written).
