@@ -28,7 +28,10 @@ POLL_SECONDS = 0.2
 
 # Ray Train knobs, with defaults chosen for short runs on a laptop; a value set in the environment
 # wins. Ray Train's controller polls the worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-# (2 s by default), which adds up to that much to the start and to the end of every run.
+# (2 s by default): the poll is how it learns that training ended or that a worker died.
+# tests/benchmarks/bench_health_check.py measured 0.2 s against 0.5 s and 2 s: fit() returns 0.45 s
+# after the last step against 0.98 s and 1.39 s, and the polls cost ~12 ms of CPU a second more
+# than at 2 s (the controller's and both workers' together: 0.6% of a 2-core machine).
 RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # How long Ctrl-C waits for Ray Train to stop the workers before giving up on a clean stop.
 ABORT_SECONDS = 30.0

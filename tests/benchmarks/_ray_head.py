@@ -57,6 +57,8 @@ def ray_head(num_cpus: int = 4) -> Iterator[RayHead]:
     """``ray start --head --block`` on a free port, in its own session; killed by process group at exit."""
     env = ray_env()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    # On a machine that never ran Ray, `ray start` in token mode finds no token: create the user's one.
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="bench-ray-")
     head = subprocess.Popen(
