@@ -40,7 +40,9 @@ def tune_allocator(enabled: bool = True) -> bool:
     glibc serves blocks above a moving threshold (128 KiB to start) with their own mappings and trims the
     heap top past 128 KiB free, so every step maps, faults in and unmaps its larger temporaries again; on a
     VM, memory the kernel has just been given back is expensive to touch. Fixed thresholds (blocks up to
-    32 MiB from the heap; up to 256 MiB of free heap kept) make a step reuse the last one's memory. Returns
+    32 MiB from the heap; up to 256 MiB of free heap kept) make a step reuse the last one's memory. Ray Train
+    V2 runs the training function in a thread, whose glibc arena keeps freed memory either way; there the
+    mmap threshold is the setting that changes what a step does (``tests/ray/test_ray_fit.py`` checks it). Returns
     whether it applied: not on another C library, nor where the user set ``MALLOC_*_THRESHOLD_`` or
     ``RAYLIGHT_TUNE_MALLOC=0`` (here, or on the driver: ``enabled=False``).
     """
