@@ -475,12 +475,11 @@ class Engine:
         self._manual = ManualOptimization(self)
         self.fit_loop = FitLoop(self)
         self._val_loop = EvaluationLoop(self, RunningStage.VALIDATING)
-        # Merged with the datamodule's (a clash is an error even on resume), as Lightning does for its loggers.
-        hparams = hparams_for_loggers(module, self.datamodule) if self.loggers else None
         if checkpoint is not None:
-            self._restore_training_state(checkpoint)
-        elif hparams:
-            self.metrics_sink.log_hyperparams(hparams)
+            self._hparams_for_loggers()  # a clash is an error even on resume, as in Lightning
+            self._restore_training_state(checkpoint)  # the run's logs already hold its hparams
+        else:
+            self._log_hparams()
         self.hooks.on_fit_start()
         if checkpoint is None:
             self._run_sanity_check()
@@ -495,6 +494,16 @@ class Engine:
         self.fit_loop.run()
         self.state.stage = None
         self.hooks.on_fit_end()
+
+    def _hparams_for_loggers(self) -> dict[str, Any] | None:
+        """The module's hparams merged with the datamodule's, as Lightning gives its loggers (None: none to log)."""
+        return hparams_for_loggers(self.lightning_module, self.datamodule) if self.loggers else None
+
+    def _log_hparams(self) -> None:
+        """Send the hparams to the loggers as a stage starts (fit, validate, test, predict), as Lightning does."""
+        hparams = self._hparams_for_loggers()
+        if hparams:
+            self.metrics_sink.log_hyperparams(hparams)
 
     def _check_module_for_fit(self) -> None:
         module = self.lightning_module
@@ -643,6 +652,7 @@ class Engine:
             raise MisconfigurationError(
                 f"{type(module).__name__} has no {step_hook.__name__}(batch, batch_idx); trainer.{stage} needs one"
             )
+        self._log_hparams()  # before the dataloaders are requested, as in Lightning
         # The epoch and step stay this trainer's own (a previous fit's, or 0) whatever checkpoint the weights came
         # from, as in Lightning.
         limit = self.config.fast_dev_run or (self.config.limit_test_batches if testing else self.config.limit_val_batches)
@@ -658,6 +668,7 @@ class Engine:
         return loop.run(loaders, budgets)
 
     def _predict_impl(self, checkpoint: dict[str, Any] | None) -> list[Any]:
+        self._log_hparams()
         limit = self.config.fast_dev_run or self.config.limit_predict_batches
         loaders = [self._prepare(dl, "predict", limit, record_indices=True) for dl in self._eval_sources("predict")]
         budgets = [p.num_batches for p in loaders]

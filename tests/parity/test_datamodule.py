@@ -116,9 +116,18 @@ class HparamsData:
     def train_dataloader(self):
         return loader(n=self.hparams.n, batch_size=self.hparams.batch_size)
 
+    def val_dataloader(self):
+        return loader(n=8, seed=99)
 
-def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True):
-    """{side name: the hparams dicts the side's logger received, or the exception fit raised}."""
+    def test_dataloader(self):
+        return loader(n=8, seed=98)
+
+    def predict_dataloader(self):
+        return loader(n=8, seed=97)
+
+
+def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True, stage="fit"):
+    """{side name: the hparams dicts the side's logger received, or the exception ``trainer.<stage>`` raised}."""
     outcome = {}
     for side in (PL, RL):
         model = module_class(HparamsModule, side)(**module_args)
@@ -126,7 +135,7 @@ def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True):
         logger = recording_logger(side)
         trainer = side.trainer(str(tmp_path / side.name), max_epochs=1, logger=[logger] if with_logger else False)
         try:
-            trainer.fit(model, datamodule=data)
+            getattr(trainer, stage)(model, datamodule=data)
             outcome[side.name] = logger.hparams
         except RuntimeError as err:
             outcome[side.name] = err
@@ -146,6 +155,20 @@ def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True):
 def test_datamodule_hparams_reach_the_loggers_merged_with_the_modules(tmp_path, module_args, data_args, expected):
     outcome = _fit_logging_hparams(tmp_path, module_args, data_args)
     assert outcome["raylight"] == outcome["lightning"] == ([expected] if expected is not None else [])
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_validate_test_and_predict_log_the_hparams_as_fit_does(tmp_path, stage):
+    # Lightning gives its loggers the merged hparams as any stage starts, not only fit.
+    merged = {"lr": 0.05, "batch_size": 4, "log_hparams": True, "n": 22}
+    assert _fit_logging_hparams(tmp_path, {}, {}, stage=stage) == {"lightning": [merged], "raylight": [merged]}
+    module_only = {"lr": 0.05, "batch_size": 4, "log_hparams": True}
+    outcome = _fit_logging_hparams(tmp_path, {}, {"log_hparams": False}, stage=stage)
+    assert outcome == {"lightning": [module_only], "raylight": [module_only]}
+    # A clash is the same error as at fit.
+    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8}, {}, stage=stage)
+    assert isinstance(outcome["lightning"], RuntimeError) and isinstance(outcome["raylight"], RuntimeError)
+    assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
 
 
 def test_clashing_module_and_datamodule_hparams_fail_fit_as_in_lightning(tmp_path):
