@@ -171,6 +171,17 @@ def test_validate_test_and_predict_log_the_hparams_as_fit_does(tmp_path, stage):
     assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
 
 
+def test_a_resumed_fit_does_not_log_the_hparams_again(tmp_path):
+    # A deliberate difference from Lightning: the resumed run continues the run directory whose logs hold them.
+    module, data = module_class(HparamsModule, RL), type("HparamsData_raylight", (HparamsData, RL.DataModule), {})
+    first, resumed = recording_logger(RL), recording_logger(RL)
+    for epochs, logger, ckpt_path in ((1, first, None), (2, resumed, "last")):
+        trainer = RL.trainer(str(tmp_path), max_epochs=epochs, run_name="r", logger=[logger], enable_checkpointing=True)
+        trainer.fit(module(), datamodule=data(), ckpt_path=ckpt_path)
+    assert first.hparams == [{"lr": 0.05, "batch_size": 4, "log_hparams": True, "n": 22}]
+    assert trainer.current_epoch == 2 and resumed.rows and resumed.hparams == []
+
+
 def test_clashing_module_and_datamodule_hparams_fail_fit_as_in_lightning(tmp_path):
     outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8, "log_hparams": False}, {"log_hparams": True})
     assert outcome["raylight"] == outcome["lightning"] == [{"batch_size": 4, "n": 22, "log_hparams": True}]
