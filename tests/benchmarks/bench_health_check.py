@@ -111,18 +111,18 @@ DRIVER = textwrap.dedent(
     start = time.time()
     trainer.fit(Probe(str(shared), KILL_AT if MODE == "kill" else None))
     end = time.time()
-    steps = [line.split() for line in (shared / "steps-0").read_text().splitlines()]
-    first = {int(a): float(t) for a, _, t in reversed(steps)}  # each attempt's first step
-    last = float(steps[-1][2])
-    record = {"wall_s": end - start, "to_first_step_s": first[1] - start, "last_step_to_return_s": end - last}
-    if MODE == "kill":
-        killed = float((shared / "killed").read_text())
-        record["kill_to_restarted_step_s"] = first[2] - killed
     if MODE == "idle":
         (t0, ctl0, wrk0), (t1, ctl1, wrk1) = [map(float, line.split()) for line in
                                               (shared / "busy-0").read_text().splitlines()]
         record = {"controller_cpu_ms_per_s": (ctl1 - ctl0) / (t1 - t0) * 1e3,
                   "rank0_other_threads_cpu_ms_per_s": (wrk1 - wrk0) / (t1 - t0) * 1e3}
+    else:
+        steps = [line.split() for line in (shared / "steps-0").read_text().splitlines()]
+        first = {int(a): float(t) for a, _, t in reversed(steps)}  # each attempt's first step
+        last = float(steps[-1][2])
+        record = {"wall_s": end - start, "to_first_step_s": first[1] - start, "last_step_to_return_s": end - last}
+        if MODE == "kill":
+            record["kill_to_restarted_step_s"] = first[2] - float((shared / "killed").read_text())
     with open(OUT, "w") as f:
         json.dump(record, f)
     """

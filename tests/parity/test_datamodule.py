@@ -126,12 +126,16 @@ class HparamsData:
         return loader(n=8, seed=97)
 
 
-def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True, stage="fit"):
+def _hparams_data(side, **kwargs):
+    return type(f"HparamsData_{side.name}", (HparamsData, side.DataModule), {})(**kwargs)
+
+
+def _logged_hparams(tmp_path, module_args, data_args, with_logger=True, stage="fit"):
     """{side name: the hparams dicts the side's logger received, or the exception ``trainer.<stage>`` raised}."""
     outcome = {}
     for side in (PL, RL):
         model = module_class(HparamsModule, side)(**module_args)
-        data = type(f"HparamsData_{side.name}", (HparamsData, side.DataModule), {})(**data_args)
+        data = _hparams_data(side, **data_args)
         logger = recording_logger(side)
         trainer = side.trainer(str(tmp_path / side.name), max_epochs=1, logger=[logger] if with_logger else False)
         try:
@@ -153,7 +157,7 @@ def _fit_logging_hparams(tmp_path, module_args, data_args, with_logger=True, sta
     ids=["merged", "datamodule-only", "module-only", "neither"],
 )
 def test_datamodule_hparams_reach_the_loggers_merged_with_the_modules(tmp_path, module_args, data_args, expected):
-    outcome = _fit_logging_hparams(tmp_path, module_args, data_args)
+    outcome = _logged_hparams(tmp_path, module_args, data_args)
     assert outcome["raylight"] == outcome["lightning"] == ([expected] if expected is not None else [])
 
 
@@ -161,33 +165,32 @@ def test_datamodule_hparams_reach_the_loggers_merged_with_the_modules(tmp_path, 
 def test_validate_test_and_predict_log_the_hparams_as_fit_does(tmp_path, stage):
     # Lightning gives its loggers the merged hparams as any stage starts, not only fit.
     merged = {"lr": 0.05, "batch_size": 4, "log_hparams": True, "n": 22}
-    assert _fit_logging_hparams(tmp_path, {}, {}, stage=stage) == {"lightning": [merged], "raylight": [merged]}
+    assert _logged_hparams(tmp_path, {}, {}, stage=stage) == {"lightning": [merged], "raylight": [merged]}
     module_only = {"lr": 0.05, "batch_size": 4, "log_hparams": True}
-    outcome = _fit_logging_hparams(tmp_path, {}, {"log_hparams": False}, stage=stage)
+    outcome = _logged_hparams(tmp_path, {}, {"log_hparams": False}, stage=stage)
     assert outcome == {"lightning": [module_only], "raylight": [module_only]}
     # A clash is the same error as at fit.
-    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8}, {}, stage=stage)
+    outcome = _logged_hparams(tmp_path, {"batch_size": 8}, {}, stage=stage)
     assert isinstance(outcome["lightning"], RuntimeError) and isinstance(outcome["raylight"], RuntimeError)
     assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
 
 
 def test_a_resumed_fit_does_not_log_the_hparams_again(tmp_path):
     # A deliberate difference from Lightning: the resumed run continues the run directory whose logs hold them.
-    module, data = module_class(HparamsModule, RL), type("HparamsData_raylight", (HparamsData, RL.DataModule), {})
     first, resumed = recording_logger(RL), recording_logger(RL)
     for epochs, logger, ckpt_path in ((1, first, None), (2, resumed, "last")):
         trainer = RL.trainer(str(tmp_path), max_epochs=epochs, run_name="r", logger=[logger], enable_checkpointing=True)
-        trainer.fit(module(), datamodule=data(), ckpt_path=ckpt_path)
+        trainer.fit(module_class(HparamsModule, RL)(), datamodule=_hparams_data(RL), ckpt_path=ckpt_path)
     assert first.hparams == [{"lr": 0.05, "batch_size": 4, "log_hparams": True, "n": 22}]
     assert trainer.current_epoch == 2 and resumed.rows and resumed.hparams == []
 
 
 def test_clashing_module_and_datamodule_hparams_fail_fit_as_in_lightning(tmp_path):
-    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8, "log_hparams": False}, {"log_hparams": True})
+    outcome = _logged_hparams(tmp_path, {"batch_size": 8, "log_hparams": False}, {"log_hparams": True})
     assert outcome["raylight"] == outcome["lightning"] == [{"batch_size": 4, "n": 22, "log_hparams": True}]
-    outcome = _fit_logging_hparams(tmp_path, {"batch_size": 8}, {})
+    outcome = _logged_hparams(tmp_path, {"batch_size": 8}, {})
     assert isinstance(outcome["lightning"], RuntimeError) and "['batch_size']" in str(outcome["lightning"])
     assert isinstance(outcome["raylight"], RuntimeError), outcome["raylight"]
     assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
     # Without a logger there is nothing to merge for, so no error (Lightning checks only for its loggers).
-    assert _fit_logging_hparams(tmp_path, {"batch_size": 8}, {}, with_logger=False) == {"lightning": [], "raylight": []}
+    assert _logged_hparams(tmp_path, {"batch_size": 8}, {}, with_logger=False) == {"lightning": [], "raylight": []}
