@@ -95,6 +95,8 @@ class ProgressBar:
         self._eval: _Bar | None = None  # validation, sanity check, test or predict pass
         self._eval_stage: str | None = None
 
+    wants_metrics = False  # the bar shows prog_bar values from Progress updates, not logged rows
+
     @property
     def wants_progress(self) -> bool:
         return self.enabled

@@ -80,6 +80,9 @@ class Engine:
         self.loggers = list(loggers or [])
         is_zero = self.strategy.is_global_zero
         self.metrics_sink: MetricsSink = metrics_sink if (metrics_sink is not None and is_zero) else NullMetricsSink()
+        # Without loggers no row is built: float() of a CUDA value would make the CPU wait for the GPU's
+        # queue to drain every log_every_n_steps, for nothing.
+        self._wants_metrics = getattr(self.metrics_sink, "wants_metrics", True)
         self.checkpoint_sink: CheckpointSink = checkpoint_sink or LocalCheckpointSink()
         self.precision_plugin = Precision(self.config.precision, self.strategy.root_device)
         self.state = TrainerState()
@@ -797,7 +800,7 @@ class Engine:
         if not metrics:
             return
         self._logged_metrics.update(metrics)
-        if not self.is_global_zero:
+        if not self.is_global_zero or not self._wants_metrics:
             return
         row = {k: float(v) for k, v in metrics.items()}
         if add_epoch:
@@ -808,7 +811,7 @@ class Engine:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Send a row straight to the loggers (used by LearningRateMonitor)."""
-        if self.is_global_zero and metrics:
+        if self.is_global_zero and metrics and self._wants_metrics:
             self.metrics_sink.log_metrics(
                 {k: float(v) for k, v in metrics.items()}, self.fit_loop_batches_that_stepped if step is None else step
             )

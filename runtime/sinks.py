@@ -28,7 +28,11 @@ class Progress:
 
 @runtime_checkable
 class MetricsSink(Protocol):
-    """Where metric rows, hyperparameters and progress go (rank 0 only)."""
+    """Where metric rows, hyperparameters and progress go (rank 0 only).
+
+    A sink may set ``wants_progress = False`` or ``wants_metrics = False`` (both True when absent): the
+    loops then build no Progress updates, or no metric rows, for it.
+    """
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """A row of scalar metrics at a logger step (already reduced across ranks)."""
@@ -60,6 +64,7 @@ class NullMetricsSink:
     """Drops everything: used on ranks other than 0 and when logging is off."""
 
     wants_progress = False  # the loops skip building Progress updates nobody reads
+    wants_metrics = False  # and metric rows: turning a CUDA value into a float waits for the GPU
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
@@ -83,6 +88,10 @@ class FanOutMetricsSink:
     @property
     def wants_progress(self) -> bool:
         return any(getattr(sink, "wants_progress", True) for sink in self.sinks)
+
+    @property
+    def wants_metrics(self) -> bool:
+        return any(getattr(sink, "wants_metrics", True) for sink in self.sinks)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for sink in self.sinks:

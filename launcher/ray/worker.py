@@ -70,6 +70,7 @@ class RemoteMetricsSink:
         self.actor = actor
         self.has_loggers = has_loggers
         self.wants_progress = wants_progress
+        self.wants_metrics = has_loggers
         self._last_progress = 0.0
 
     def log_metrics(self, metrics, step: int) -> None:
