@@ -67,7 +67,9 @@ class _Entry:
     sync: bool
     step_value: Tensor | None = None  # latest step value (synced once `step_synced`)
     step_synced: bool = True
-    total: float = 0.0  # sum(value * batch_size) for mean, running sum/max/min otherwise
+    # sum(value * batch_size) for mean, running sum/max/min otherwise: a float, or a float64 tensor on the
+    # GPU the values were logged from (see _update)
+    total: float | Tensor = 0.0
     weight: float = 0.0  # sum(batch_size) for mean
     epoch_value: Tensor | None = None  # reduced epoch value, None until computed
     updates: int = 0
@@ -85,6 +87,17 @@ class _Entry:
 
 def _initial_total(reduce_fx: str) -> float:
     return {"max": -math.inf, "min": math.inf}.get(reduce_fx, 0.0)
+
+
+def _running_extreme(total: float | Tensor, value: float | Tensor, reduce_fx: str) -> float | Tensor:
+    """The running max or min of ``total`` and ``value``; it stays a tensor (no GPU wait) once either is one."""
+    if not isinstance(total, Tensor) and not isinstance(value, Tensor):
+        return max(total, value) if reduce_fx == "max" else min(total, value)
+    if not isinstance(total, Tensor):
+        total, value = value, total
+    if not isinstance(value, Tensor):
+        return total.clamp(min=value) if reduce_fx == "max" else total.clamp(max=value)
+    return torch.maximum(total, value) if reduce_fx == "max" else torch.minimum(total, value)
 
 
 def extract_batch_size(batch: Any) -> int:
@@ -221,18 +234,19 @@ class MetricCollector:
             entry.step_synced = not entry.sync
         if entry.on_epoch:
             entry.epoch_value = None
-            scalar = float(tensor)
+            # On the CPU a Python float is the cheapest running value. On a GPU, float() would make the CPU
+            # wait for the GPU at every step (the queue of work it had run ahead with drains), so there the
+            # running value stays a tensor on the device until the epoch is reduced.
+            value = float(tensor) if tensor.device.type == "cpu" else tensor.detach().double()
             reduce_fx = entry.reduce_fx
             if reduce_fx == "mean":
                 weight = batch_size if batch_size is not None else self._current_batch_size()
-                entry.total += scalar * weight
+                entry.total = entry.total + value * weight
                 entry.weight += weight
             elif reduce_fx == "sum":
-                entry.total += scalar
-            elif reduce_fx == "max":
-                entry.total = max(entry.total, scalar)
+                entry.total = entry.total + value
             else:
-                entry.total = min(entry.total, scalar)
+                entry.total = _running_extreme(entry.total, value, reduce_fx)
 
     def _current_batch_size(self) -> int:
         if self._batch_size is None:
@@ -274,7 +288,7 @@ class MetricCollector:
         if synced:
             flat: list[float] = []
             for entry in synced:
-                flat.extend((entry.total, entry.weight))
+                flat.extend((float(entry.total), entry.weight))
             gathered = self._gather(torch.tensor(flat, dtype=torch.float64))
             for i, entry in enumerate(synced):
                 totals, weights = gathered[:, 2 * i], gathered[:, 2 * i + 1]
@@ -285,7 +299,7 @@ class MetricCollector:
                 else:
                     gathered_values[entry.name] = (float(totals.sum()), float(weights.sum()))
         for entry in pending:
-            total, weight = gathered_values.get(entry.name, (entry.total, entry.weight))
+            total, weight = gathered_values.get(entry.name, (float(entry.total), entry.weight))
             value = total / weight if entry.reduce_fx == "mean" else total
             entry.epoch_value = torch.tensor(value, dtype=torch.float32)
 
@@ -360,7 +374,7 @@ class MetricCollector:
                 "logger": e.logger,
                 "reduce_fx": e.reduce_fx,
                 "sync": e.sync,
-                "total": e.total,
+                "total": float(e.total),
                 "weight": e.weight,
                 "updates": e.updates,
                 # the step's value, so a resume from on_train_batch_end can still log that step's row
