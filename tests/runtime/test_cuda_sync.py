@@ -42,8 +42,8 @@ class LoggingRegressor(LightningModule):
 def _syncs_in_fit(tmp_path, max_steps: int, **trainer_kwargs) -> int:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(4096, 16, generator=g), torch.randn(4096, 1, generator=g))
-    # Pinned batches: a copy from pageable memory waits for the GPU at every step, in any loop (PyTorch's
-    # sync debug mode counts it), so it would hide what the fit itself does.
+    # Pinned batches, as a GPU user sets them (from pageable memory the driver copies synchronously, a wait
+    # that sync debug mode does not see).
     loader = DataLoader(data, batch_size=8, pin_memory=True)
     trainer = Trainer(
         num_workers=0, use_gpu=True, max_steps=max_steps, default_root_dir=str(tmp_path / str(max_steps)),
@@ -62,9 +62,11 @@ def _syncs_in_fit(tmp_path, max_steps: int, **trainer_kwargs) -> int:
 
 
 def test_a_fit_without_loggers_waits_for_the_gpu_no_more_often_when_it_runs_longer(tmp_path):
+    _syncs_in_fit(tmp_path, 10, logger=False)  # the process's first fit pays one-time waits (CUDA's set-up)
     short, long = _syncs_in_fit(tmp_path, 60, logger=False), _syncs_in_fit(tmp_path, 260, logger=False)
-    # 200 more steps, four more log_every_n_steps boundaries: not one more wait.
-    assert long == short, f"a 60-step fit waited for the GPU {short} times, a 260-step fit {long} times"
+    # 200 more steps, four more log_every_n_steps boundaries: not one more wait. (Before the epoch
+    # accumulators stayed on the GPU this was 65 against 264 on an H200: one wait per step.)
+    assert long <= short, f"a 60-step fit waited for the GPU {short} times, a 260-step fit {long} times"
 
 
 def test_a_fit_with_a_logger_waits_once_per_logged_row(tmp_path):
