@@ -193,17 +193,21 @@ class ReductionsModule(LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, x = batch
-        value = train_value(self.global_rank, batch_idx)
+        value = self._on_device(train_value(self.global_rank, batch_idx))
         for fx in ("mean", "sum", "max", "min"):
             self.log(f"t_{fx}", value, on_step=True, on_epoch=True, reduce_fx=fx, sync_dist=True)
         self.log("t_local", value, on_step=True, on_epoch=True)
         return self.layer(x).pow(2).mean()
 
     def validation_step(self, batch, batch_idx):
-        value = val_value(self.global_rank, batch_idx)
+        value = self._on_device(val_value(self.global_rank, batch_idx))
         for fx in ("mean", "sum", "max", "min"):
             self.log(f"v_{fx}", value, reduce_fx=fx, sync_dist=True)
         self.log("v_local", value)
+
+    def _on_device(self, value: float) -> float | torch.Tensor:
+        """On a GPU the value is logged as a tensor there, as a loss would be: the GPU accumulators' path."""
+        return value if self.device.type == "cpu" else torch.full((), value, device=self.device)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -258,20 +262,25 @@ EQUIVALENCE_SAMPLES = 80
 EQUIVALENCE_EPOCHS = 3
 
 
-def equivalence_fit(out_dir: str | Path, batch_size: int, accumulate: int) -> tuple[dict[str, torch.Tensor], int]:
+def equivalence_fit(
+    out_dir: str | Path, batch_size: int, accumulate: int, accelerator: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], int]:
     """Fit a seeded RegressionModule without shuffling; returns (weights, global_step)."""
     torch.manual_seed(0)
     module = RegressionModule(lr=0.1)
     loader = DataLoader(regression_data(EQUIVALENCE_SAMPLES), batch_size=batch_size, shuffle=False)
-    engine = Engine(quiet_config(out_dir, max_epochs=EQUIVALENCE_EPOCHS, accumulate_grad_batches=accumulate))
+    config = quiet_config(
+        out_dir, max_epochs=EQUIVALENCE_EPOCHS, accumulate_grad_batches=accumulate, accelerator=accelerator
+    )
+    engine = Engine(config)
     engine.fit(module, loader)
     return cpu_state(module), engine.global_step
 
 
-def equivalence_worker(rank: int, out_dir: str, accumulate_values: list[int]) -> None:
+def equivalence_worker(rank: int, out_dir: str, accumulate_values: list[int], accelerator: str = "cpu") -> None:
     result = {}
     for accumulate in accumulate_values:
-        weights, step = equivalence_fit(out_dir, batch_size=8, accumulate=accumulate)
+        weights, step = equivalence_fit(out_dir, batch_size=8, accumulate=accumulate, accelerator=accelerator)
         result[f"acc{accumulate}"] = {"weights": weights, "global_step": step}
     save_result(out_dir, "equivalence", rank, result)
 
@@ -281,9 +290,9 @@ REDUCTION_SAMPLES = 10  # 5 per rank: batches of 3 and 2, so batch-size weightin
 REDUCTION_BATCH = 3
 
 
-def reductions_worker(rank: int, out_dir: str) -> None:
+def reductions_worker(rank: int, out_dir: str, accelerator: str = "cpu") -> None:
     sink = RecordingSink()
-    engine = Engine(quiet_config(out_dir, max_epochs=1), metrics_sink=sink)
+    engine = Engine(quiet_config(out_dir, max_epochs=1, accelerator=accelerator), metrics_sink=sink)
     data = indexed_data(REDUCTION_SAMPLES)
     engine.fit(
         ReductionsModule(),

@@ -18,6 +18,14 @@ from torch.utils.data import DistributedSampler
 
 from tests.runtime import distributed_helpers as h
 
+# On a machine with one GPU both gloo ranks share it: NCCL would refuse two ranks on one device, gloo moves
+# the CUDA tensors through the host. That still runs the model, DDP's buckets and the logged values on the GPU.
+ACCELERATORS = [
+    "cpu",
+    pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
 def _assert_same_weights(actual: dict, expected: dict, exact: bool, what: str) -> None:
     assert actual.keys() == expected.keys(), what
     for key in expected:
@@ -29,13 +37,16 @@ def _assert_same_weights(actual: dict, expected: dict, exact: bool, what: str) -
 
 # --------------------------------------------------------------------------- 1
 @pytest.mark.timeout(120)
-def test_ddp_matches_single_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_ddp_matches_single_process_with_double_batch(tmp_path, accelerator):
     accumulate_values = [1, 2]
-    h.spawn(h.equivalence_worker, tmp_path, str(tmp_path), accumulate_values)
+    h.spawn(h.equivalence_worker, tmp_path, str(tmp_path), accumulate_values, accelerator)
     ranks = h.load_results(tmp_path, "equivalence")
 
     for accumulate in accumulate_values:
-        expected_weights, expected_step = h.equivalence_fit(tmp_path / "single", batch_size=16, accumulate=accumulate)
+        expected_weights, expected_step = h.equivalence_fit(
+            tmp_path / "single", batch_size=16, accumulate=accumulate, accelerator=accelerator
+        )
         batches = h.EQUIVALENCE_SAMPLES // 16
         assert expected_step == h.EQUIVALENCE_EPOCHS * math.ceil(batches / accumulate)
         rank0, rank1 = (r[f"acc{accumulate}"] for r in ranks)
@@ -72,8 +83,9 @@ def _expected_reductions(value_fn, n: int, batch: int) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_sync_dist_reductions_follow_lightning(tmp_path):
-    h.spawn(h.reductions_worker, tmp_path, str(tmp_path))
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_sync_dist_reductions_follow_lightning(tmp_path, accelerator):
+    h.spawn(h.reductions_worker, tmp_path, str(tmp_path), accelerator)
     ranks = h.load_results(tmp_path, "reductions")
     train = _expected_reductions(h.train_value, h.REDUCTION_SAMPLES, h.REDUCTION_BATCH)
     val = _expected_reductions(h.val_value, h.REDUCTION_SAMPLES, h.REDUCTION_BATCH)
