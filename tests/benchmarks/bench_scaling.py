@@ -56,7 +56,7 @@ import sys
 import tempfile
 
 COMMON = r'''
-import json, os, sys, time
+import gc, json, os, sys, time
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -71,6 +71,14 @@ def dataset():
     return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
 STAMPS = os.path.join(OUT, "stamps.json")
 MACHINE, THREAD = [], []
+GC = {"counting": False, "started": None, "seconds": 0.0, "collections": [0, 0, 0]}
+def gc_timer(phase, info):
+    """Python's garbage collections in this process (any thread) while the timed steps run."""
+    if phase == "start":
+        GC["started"] = time.perf_counter()
+    elif GC["counting"] and GC["started"] is not None:
+        GC["seconds"] += time.perf_counter() - GC["started"]
+        GC["collections"][info["generation"]] += 1
 def machine_busy():
     """Seconds of CPU that every process on the machine has used so far (and that the hypervisor stole)."""
     with open("/proc/stat") as f:
@@ -86,9 +94,13 @@ def stamp(stamps, cpu):
         cpu.append(time.process_time())
         MACHINE.append(machine_busy())
         THREAD.append(time.thread_time())
+        if len(cpu) == 1:
+            gc.callbacks.append(gc_timer)
+        GC["counting"] = len(cpu) == 1
 def write_stamps(stamps, cpu):
     with open(STAMPS, "w") as f:
-        json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE, "thread": THREAD}, f)
+        json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE, "thread": THREAD,
+                   "gc_seconds": GC["seconds"], "gc_collections": GC["collections"]}, f)
 '''
 
 RAYLIGHT = COMMON + r'''
@@ -235,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     thread_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     steal_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    gc_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
+    gc_counts: dict[tuple[int, str], list[list[int]]] = {cell: [] for cell in cells}
     runs_stamps: list[dict] = []  # every run's step start times, in the --json output
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
@@ -266,12 +280,16 @@ def main(argv: list[str] | None = None) -> dict:
                 machine_step[(workers, variant)].append((busy_end - busy_start) / (len(timed) - 1))
                 steal_step[(workers, variant)].append((steal_end - steal_start) / (len(timed) - 1))
                 per_step[(workers, variant)].append((timed[-1] - timed[0]) / (len(timed) - 1))
+                gc_step[(workers, variant)].append(recorded["gc_seconds"] / (len(timed) - 1))
+                gc_counts[(workers, variant)].append(recorded["gc_collections"])
                 median_step[(workers, variant)].append(statistics.median(b - a for a, b in zip(timed, timed[1:])))
                 print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step "
                       f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f}, CPU "
                       f"{cpu_step[(workers, variant)][-1] * 1e3:.2f} of which the training thread "
                       f"{thread_step[(workers, variant)][-1] * 1e3:.2f}, machine CPU {machine_step[(workers, variant)][-1] * 1e3:.2f}, "
-                      f"stolen {steal_step[(workers, variant)][-1] * 1e3:.2f})", file=sys.stderr, flush=True)
+                      f"stolen {steal_step[(workers, variant)][-1] * 1e3:.2f}, Python GC "
+                      f"{gc_step[(workers, variant)][-1] * 1e3:.3f} in {gc_counts[(workers, variant)][-1]} "
+                      "collections by generation)", file=sys.stderr, flush=True)
 
     rows = []
     for workers, variant in cells:
@@ -292,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
                          c - t for c, t in zip(cpu, thread_step[(workers, variant)])) * 1e3,
                      "machine_cpu_ms_per_step": statistics.median(machine_step[(workers, variant)]) * 1e3,
                      "machine_cpu_ms_per_step_runs": [c * 1e3 for c in machine_step[(workers, variant)]],
-                     "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3})
+                     "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3,
+                     "gc_ms_per_step": statistics.median(gc_step[(workers, variant)]) * 1e3,
+                     "gc_collections_runs": gc_counts[(workers, variant)]})
     note = _plot(rows, list(runs), args.plot) if args.plot else None
 
     info = machine()
@@ -330,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"[{by_cell[(w, 'handwritten')]['stolen_ms_per_step']:.2f}] / "
                       f"{by_cell[(w, 'raylight')]['machine_cpu_ms_per_step']:.2f} "
                       f"[{by_cell[(w, 'raylight')]['stolen_ms_per_step']:.2f}]" for w in sizes))
+    print("Python's garbage collections in rank 0 during the timed steps, ms per step, hand-written / raylight: "
+          + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['gc_ms_per_step']:.3f} / "
+                      f"{by_cell[(w, 'raylight')]['gc_ms_per_step']:.3f}" for w in sizes))
     for variant in runs:
         if variant not in VARIANTS:
             print(f"{variant} / hand-written, mean step (paired runs); raylight / {variant}: " + "; ".join(
