@@ -320,6 +320,10 @@ class TrainerSpec(BaseModel):
         allowed = "expected None or a dict of resource name -> amount > 0, e.g. {'CPU': 2, 'GPU': 1}"
         if not isinstance(value, dict):
             raise _invalid(allowed)
+        if not value:
+            # Ray Train would schedule workers that reserve nothing, any number of them on one node.
+            raise _invalid(f"{allowed}; an empty dict reserves nothing per worker: pass None for Ray Train's "
+                           "default (1 CPU, or 1 GPU with use_gpu=True)")
         bad = [
             f"{k!r}: {v!r}"
             for k, v in value.items()

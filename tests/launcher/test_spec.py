@@ -51,6 +51,7 @@ INVALID = [
     ({"max_failures": -2}, "max_failures", "-2", "int >= -1"),
     ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker", "{'CPU': -1}", "amount > 0"),
     ({"resources_per_worker": {"GPU": 0}}, "resources_per_worker", "{'GPU': 0}", "amount > 0"),
+    ({"resources_per_worker": {}}, "resources_per_worker", "{}", "pass None for Ray Train's default"),
     ({"run_name": "my run"}, "run_name", "'my run'", "letters, digits"),
     ({"run_name": ".hidden"}, "run_name", "'.hidden'", "not starting with '.'"),
     ({"run_name": "a/b"}, "run_name", "'a/b'", "letters, digits"),
