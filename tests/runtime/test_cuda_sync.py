@@ -42,8 +42,8 @@ class LoggingRegressor(LightningModule):
 def _syncs_in_fit(tmp_path, max_steps: int, **trainer_kwargs) -> int:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(4096, 16, generator=g), torch.randn(4096, 1, generator=g))
-    # Pinned batches, as a GPU user sets them (from pageable memory the driver copies synchronously, a wait
-    # that sync debug mode does not see).
+    # Pinned batches, as a GPU user sets them: from pageable memory the driver may wait for the stream while
+    # it stages the copy, a wait that sync debug mode does not see.
     loader = DataLoader(data, batch_size=8, pin_memory=True)
     trainer = Trainer(
         num_workers=0, use_gpu=True, max_steps=max_steps, default_root_dir=str(tmp_path / str(max_steps)),
