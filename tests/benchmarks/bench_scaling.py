@@ -1,6 +1,6 @@
 """Per-step time on 1 and 2 Ray Train workers: raylight vs the same loop hand-written with Ray Train.
 
-    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 3000] [--warmup 8] [--json out.json] [--plot scaling.png] [--also VARIANT,...]
+    python tests/benchmarks/bench_scaling.py [--workers 1,2] [--rounds 3] [--steps 5000] [--warmup 8] [--json out.json] [--plot scaling.png] [--also VARIANT,...]
 
 Needs matplotlib for the plot (``pip install matplotlib``; without it the
 figures are printed and no PNG is written).
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=5000,
+                        help="steps per worker (1 worker on a fast host needs this many to run well past --warmup)")
     parser.add_argument("--warmup", type=float, default=8.0,
                         help="seconds of training not timed at the start (Ray Train starts actors of its own then)")
     parser.add_argument("--json", metavar="PATH")
