@@ -85,6 +85,21 @@ def machine_busy():
         user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
     tick = os.sysconf("SC_CLK_TCK")
     return (user + nice + system + irq + softirq) / tick, steal / tick
+PROCESSES = []
+def processes_cpu():
+    """CPU seconds so far of every process on this machine, by pid: (short name, seconds)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue  # exited meanwhile
+        name = "rank 0" if int(pid) == os.getpid() else " ".join(os.path.basename(a) for a in argv[:2])[:50]
+        out[pid] = (name or "?", (int(fields[11]) + int(fields[12])) / tick)
+    return out
 def stamp(stamps, cpu):
     """Rank 0, at the start of a step: the wall clock; at the first and last timed steps, this process's CPU time
     and the whole machine's, and this (the training) thread's."""
@@ -94,13 +109,21 @@ def stamp(stamps, cpu):
         cpu.append(time.process_time())
         MACHINE.append(machine_busy())
         THREAD.append(time.thread_time())
+        PROCESSES.append(processes_cpu())
         if len(cpu) == 1:
             gc.callbacks.append(gc_timer)
         GC["counting"] = len(cpu) == 1
 def write_stamps(stamps, cpu):
     with open(STAMPS, "w") as f:
         json.dump({"stamps": stamps, "cpu": cpu, "machine": MACHINE, "thread": THREAD,
-                   "gc_seconds": GC["seconds"], "gc_collections": GC["collections"]}, f)
+                   "gc_seconds": GC["seconds"], "gc_collections": GC["collections"],
+                   "processes": by_name_delta(*PROCESSES) if len(PROCESSES) == 2 else {}}, f)
+def by_name_delta(before, after):
+    """CPU seconds each process name used between two snapshots (processes started meanwhile count from 0)."""
+    out = {}
+    for pid, (name, seconds) in after.items():
+        out[name] = out.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return out
 '''
 
 RAYLIGHT = COMMON + r'''
@@ -171,6 +194,12 @@ SETTING_VARIANTS = {
     "raylight-ray-health-check": ("raylight", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}),
     "raylight-shipped-data": ("raylight", {"BENCH_SHIP_DATA": "1"}),
 }
+
+
+def _median_by_name(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each process name's median CPU ms per step over the runs (0 in a run where it did not appear)."""
+    names = {name for run in runs for name in run}
+    return {name: statistics.median(run.get(name, 0.0) for run in runs) * 1e3 for name in sorted(names)}
 
 
 def _plot(rows: list[dict], variants: list[str], path: str) -> str | None:
@@ -250,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     steal_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     gc_step: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     gc_counts: dict[tuple[int, str], list[list[int]]] = {cell: [] for cell in cells}
+    process_step: dict[tuple[int, str], list[dict[str, float]]] = {cell: [] for cell in cells}
     runs_stamps: list[dict] = []  # every run's step start times, in the --json output
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ray_head() as head, tempfile.TemporaryDirectory() as scratch:
@@ -283,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                 per_step[(workers, variant)].append((timed[-1] - timed[0]) / (len(timed) - 1))
                 gc_step[(workers, variant)].append(recorded["gc_seconds"] / (len(timed) - 1))
                 gc_counts[(workers, variant)].append(recorded["gc_collections"])
+                process_step[(workers, variant)].append(
+                    {name: sec / (len(timed) - 1) for name, sec in recorded["processes"].items()})
                 median_step[(workers, variant)].append(statistics.median(b - a for a, b in zip(timed, timed[1:])))
                 print(f"round {r + 1}: {variant} x{workers}: {per_step[(workers, variant)][-1] * 1e3:.2f} ms/step "
                       f"(median step {median_step[(workers, variant)][-1] * 1e3:.2f}, CPU "
@@ -313,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "machine_cpu_ms_per_step_runs": [c * 1e3 for c in machine_step[(workers, variant)]],
                      "stolen_ms_per_step": statistics.median(steal_step[(workers, variant)]) * 1e3,
                      "gc_ms_per_step": statistics.median(gc_step[(workers, variant)]) * 1e3,
-                     "gc_collections_runs": gc_counts[(workers, variant)]})
+                     "gc_collections_runs": gc_counts[(workers, variant)],
+                     "process_cpu_ms_per_step": _median_by_name(process_step[(workers, variant)])})
     note = _plot(rows, list(runs), args.plot) if args.plot else None
 
     info = machine()
@@ -354,6 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
     print("Python's garbage collections in rank 0 during the timed steps, ms per step, hand-written / raylight: "
           + "; ".join(f"{w} worker(s): {by_cell[(w, 'handwritten')]['gc_ms_per_step']:.3f} / "
                       f"{by_cell[(w, 'raylight')]['gc_ms_per_step']:.3f}" for w in sizes))
+    for w in sizes:
+        hand = by_cell[(w, "handwritten")]["process_cpu_ms_per_step"]
+        ours = by_cell[(w, "raylight")]["process_cpu_ms_per_step"]
+        busy = sorted(set(hand) | set(ours), key=lambda n: -max(hand.get(n, 0.0), ours.get(n, 0.0)))
+        print(f"CPU ms per step by process, {w} worker(s), hand-written / raylight (median over rounds; processes "
+              "using 0.01 ms or more): " + "; ".join(f"{n}: {hand.get(n, 0.0):.2f} / {ours.get(n, 0.0):.2f}"
+                                                     for n in busy if max(hand.get(n, 0.0), ours.get(n, 0.0)) >= 0.01))
     for variant in runs:
         if variant not in VARIANTS:
             print(f"{variant} / hand-written, mean step (paired runs); raylight / {variant}: " + "; ".join(
