@@ -40,7 +40,9 @@ rank 0's process CPU time over the same steps (every thread of the worker
 process: what each variant makes the worker do, which other load on the
 machine does not change the way it changes wall time), split into its
 training thread and the rest (Ray's and gloo's threads), and the whole
-machine's CPU time (every process, from ``/proc/stat``). Each variant
+machine's CPU time (every process, from ``/proc/stat``), each process's CPU
+time by name (from ``/proc/<pid>/stat``: where a difference outside rank 0
+lands), and the time rank 0 spent in Python's garbage collector. Each variant
 and worker count runs as its own Python process against one Ray head
 started here, interleaved round by round; the median is reported with the
 range. Goal: raylight within 5% of the hand-written loop at every size.
