@@ -68,13 +68,12 @@ class RemoteMetricsSink:
 
     def __init__(self, actor: Any, has_loggers: bool = True, wants_progress: bool = True):
         self.actor = actor
-        self.has_loggers = has_loggers
+        self.wants_metrics = has_loggers  # the engine builds no rows otherwise
         self.wants_progress = wants_progress
-        self.wants_metrics = has_loggers
         self._last_progress = 0.0
 
     def log_metrics(self, metrics, step: int) -> None:
-        if self.has_loggers:
+        if self.wants_metrics:
             self.actor.log_metrics.remote(dict(metrics), step)
 
     def log_hyperparams(self, params) -> None:

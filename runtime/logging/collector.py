@@ -299,7 +299,10 @@ class MetricCollector:
                 else:
                     gathered_values[entry.name] = (float(totals.sum()), float(weights.sum()))
         for entry in pending:
-            total, weight = gathered_values.get(entry.name, (float(entry.total), entry.weight))
+            if entry.name in gathered_values:
+                total, weight = gathered_values[entry.name]
+            else:  # float() here, not as a default argument: a GPU total would be fetched twice
+                total, weight = float(entry.total), entry.weight
             value = total / weight if entry.reduce_fx == "mean" else total
             entry.epoch_value = torch.tensor(value, dtype=torch.float32)
 
