@@ -194,49 +194,51 @@ class RawLoop(Variant):
                     break
 
 
-class RaylightVariant(Variant):
+class FrameworkVariant(Variant):
+    """The shared module body on a framework's ``LightningModule``, fitted by that framework's Trainer."""
+
+    def module_base(self) -> type:
+        raise NotImplementedError
+
+    def trainer(self, **switches: Any) -> Any:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.model = make_module_class(self.module_base(), self.shape)()
+        self.net = self.model.net
+
+    def run(self) -> None:
+        trainer = self.trainer(
+            precision=self.precision,
+            max_steps=self.steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir=self.tmp,
+        )
+        trainer.fit(self.model, self.loader)
+
+
+class RaylightVariant(FrameworkVariant):
     name = "raylight"
 
-    def prepare(self) -> None:
-        super().prepare()
-        self.model = make_module_class(runtime.LightningModule, self.shape)()
-        self.net = self.model.net
+    def module_base(self) -> type:
+        return runtime.LightningModule
 
-    def run(self) -> None:
-        trainer = RaylightTrainer(
-            num_workers=0,
-            use_gpu=self.device == "cuda",
-            precision=self.precision,
-            max_steps=self.steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            default_root_dir=self.tmp,
-        )
-        trainer.fit(self.model, self.loader)
+    def trainer(self, **switches: Any) -> Any:
+        return RaylightTrainer(num_workers=0, use_gpu=self.device == "cuda", **switches)
 
 
-class LightningVariant(Variant):
+class LightningVariant(FrameworkVariant):
     name = "lightning"
 
-    def prepare(self) -> None:
-        super().prepare()
-        self.model = make_module_class(pl.LightningModule, self.shape)()
-        self.net = self.model.net
+    def module_base(self) -> type:
+        return pl.LightningModule
 
-    def run(self) -> None:
-        trainer = pl.Trainer(
-            accelerator="gpu" if self.device == "cuda" else "cpu",
-            devices=1,
-            precision=self.precision,
-            max_steps=self.steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            default_root_dir=self.tmp,
-        )
-        trainer.fit(self.model, self.loader)
+    def trainer(self, **switches: Any) -> Any:
+        accelerator = "gpu" if self.device == "cuda" else "cpu"
+        return pl.Trainer(accelerator=accelerator, devices=1, enable_model_summary=False, **switches)
 
 
 # ---------------------------------------------------------------- harness
