@@ -726,7 +726,8 @@ class Engine:
 
     def _backward(self, loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         hooks = self.hooks
-        hooks.on_before_backward(loss)
+        if hooks.any_before_backward:
+            hooks.on_before_backward(loss)
         scaled = self.precision_plugin.scale_loss(loss)
         if not self.lightning_module.automatic_optimization:
             # One DDP forward (training_step) may be followed by several manual backward passes.
@@ -736,17 +737,25 @@ class Engine:
                 self.lightning_module.backward(scaled, *args, **kwargs)
         else:
             scaled.backward(*args, **kwargs)
-        hooks.on_after_backward()
+        if hooks.any_after_backward:
+            hooks.on_after_backward()
 
     def _zero_grad(self, optimizer: torch.optim.Optimizer, batch_idx: int) -> None:
-        self.hooks.on_before_zero_grad(optimizer)
-        self.hooks.optimizer_zero_grad(batch_idx, optimizer)
+        hooks = self.hooks
+        if hooks.any_before_zero_grad:
+            hooks.on_before_zero_grad(optimizer)
+        if hooks.custom_zero_grad:
+            hooks.optimizer_zero_grad(batch_idx, optimizer)
+        else:
+            optimizer.zero_grad()
 
     def _after_closure(self, optimizer: torch.optim.Optimizer) -> None:
         """Between backward and the step (gradients already unscaled): hooks, then clipping."""
-        self.hooks.on_before_optimizer_step(optimizer)
-        if self.lightning_module.automatic_optimization:
-            self.hooks.configure_gradient_clipping(optimizer)
+        hooks = self.hooks
+        if hooks.any_before_optimizer_step:
+            hooks.on_before_optimizer_step(optimizer)
+        if hooks.clips and self.lightning_module.automatic_optimization:
+            hooks.configure_gradient_clipping(optimizer)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Any, **kwargs: Any) -> Any:
         plugin = self.precision_plugin
@@ -754,12 +763,15 @@ class Engine:
         # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
         skipped = plugin.scaler is not None and closure is not None and result is None
         if not (skipped and self.lightning_module.automatic_optimization):
-            plugin.optimizer_step(optimizer, lambda: self._after_closure(optimizer), **kwargs)
+            hooks = self.hooks
+            after_closure = self._after_closure if hooks.any_before_optimizer_step or hooks.clips else None
+            plugin.optimizer_step(optimizer, after_closure, **kwargs)
         self.global_step += 1
         return result
 
     def _check_finite_loss(self, loss: Tensor, batch_idx: int) -> None:
-        if self.config.fail_on_nonfinite_loss and not bool(torch.isfinite(loss.detach()).all()):
+        """Trainer(fail_on_nonfinite_loss=True): stop at a NaN/inf loss (the caller checks the setting)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteLossError(
                 f"training_step returned a non-finite loss ({float(loss.detach())}) on rank {self.global_rank} at "
                 f"epoch {self.current_epoch}, batch {batch_idx}, global step {self.global_step}; the run stopped "

@@ -59,17 +59,22 @@ class Precision:
     def scale_loss(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def optimizer_step(self, optimizer: Optimizer, after_closure: Callable[[], None], **kwargs: Any) -> None:
-        """Step after the closure has run: unscale, call ``after_closure`` (hooks, clipping), step.
+    def optimizer_step(
+        self, optimizer: Optimizer, after_closure: Callable[[Optimizer], None] | None, **kwargs: Any
+    ) -> None:
+        """Step after the closure has run: unscale, call ``after_closure(optimizer)`` (hooks, clipping), step.
 
-        With a GradScaler the step is skipped when gradients are not finite, and the scale is updated.
+        ``after_closure`` is None when there are no such hooks and no clipping. With a GradScaler the step
+        is skipped when gradients are not finite, and the scale is updated.
         """
         if self.scaler is None:
-            after_closure()
+            if after_closure is not None:
+                after_closure(optimizer)
             optimizer.step(**kwargs)
             return
         self.scaler.unscale_(optimizer)
-        after_closure()
+        if after_closure is not None:
+            after_closure(optimizer)
         self.scaler.step(optimizer, **kwargs)
         self.scaler.update()
 

@@ -256,7 +256,12 @@ class MetricCollector:
 
     # ---------------------------------------------------------- reductions
     def sync_step(self) -> None:
-        """Reduce every step value logged with ``sync_dist`` since the last call: one collective."""
+        """Reduce every step value logged with ``sync_dist`` since the last call: one collective.
+
+        In one process nothing is ever pending (``sync_dist`` values need no reduction there).
+        """
+        if self._gather is None:
+            return
         pending = [e for e in self.entries.values() if e.step_value is not None and not e.step_synced]
         if not pending:
             return

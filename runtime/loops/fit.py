@@ -227,7 +227,10 @@ class FitLoop:
         has_schedulers = bool(engine.lr_scheduler_configs)
         probe = engine._preemption_probe
         distributed = engine.strategy.is_distributed
-        while not self._batch_loop_done(batch_idx, budget):
+        plain_batches = engine._plain_transfer
+        any_batch_start, any_batch_end = hooks.any_train_batch_start, hooks.any_train_batch_end
+        max_steps = engine.max_steps
+        while not self._batch_loop_done(batch_idx, budget, max_steps):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -236,9 +239,10 @@ class FitLoop:
             self.batch_idx = batch_idx
             self.total_batch_idx += 1
             is_last = batch_idx + 1 >= budget
-            batch = engine._prepare_batch(batch, 0)
+            if not plain_batches:
+                batch = engine._prepare_batch(batch, 0)
             collector.new_batch(batch)
-            if hooks.on_train_batch_start(batch, batch_idx) == -1:
+            if any_batch_start and hooks.on_train_batch_start(batch, batch_idx) == -1:
                 break
             should_accumulate = automatic and (batch_idx + 1) % accumulate != 0 and not is_last
             if automatic:
@@ -250,16 +254,15 @@ class FitLoop:
                 engine._update_schedulers("step", batch_idx, plateau=False)
                 if is_last:
                     engine._update_schedulers("epoch", batch_idx, plateau=False)
-            if not distributed:
-                collector.sync_step()
-            else:
+            if distributed:
                 # on_train_batch_end reads this step's values (their last reduction for sync_dist ones), as
                 # in Lightning; in one process callback_metrics are read lazily instead.
                 if self._step_values_due(batch_idx, is_last, should_accumulate):
                     collector.sync_step()
                 self._publish_step_metrics()
             self.position = "batch_end"
-            hooks.on_train_batch_end(outputs, batch, batch_idx)
+            if any_batch_end:
+                hooks.on_train_batch_end(outputs, batch, batch_idx)
             self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
             if probe is not None and probe():
                 # A node is about to be preempted: commit a checkpoint now; the run continues, and resumes
@@ -291,9 +294,13 @@ class FitLoop:
         engine = self.engine
         return self._logger_step_due() or any(cb.saves_after_step(engine.global_step) for cb in engine.checkpoint_callbacks)
 
-    def _batch_loop_done(self, batch_idx: int, budget: int | float) -> bool:
-        return batch_idx + 1 >= budget or self._max_steps_reached() or (
-            self.engine.should_stop and self._can_stop_early()
+    def _batch_loop_done(self, batch_idx: int, budget: int | float, max_steps: int) -> bool:
+        """Whether the epoch's batch loop stops here; ``max_steps`` is read once per epoch by the caller."""
+        engine = self.engine
+        return (
+            batch_idx + 1 >= budget
+            or (max_steps != -1 and engine.global_step >= max_steps)
+            or (engine.should_stop and self._can_stop_early())
         )
 
     def _finish_batch_tail(
@@ -312,14 +319,14 @@ class FitLoop:
         if should_accumulate is None:
             should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
         if position == "batch_end":
-            collector = self.collector
+            distributed = engine.strategy.is_distributed
             log_now = not should_accumulate and self._logger_step_due()
             check_val = self._should_check_val(batch_idx, is_last)
-            if log_now or check_val or not engine.strategy.is_distributed:
-                collector.sync_step()  # a no-op when on_train_batch_end's step was already due
+            if distributed and (log_now or check_val):
+                self.collector.sync_step()  # a no-op when on_train_batch_end's step was already due
             # In one process callback_metrics are read lazily; across ranks every step publishes its
             # values (sync_dist ones as of their last reduction) so that all ranks see the same ones.
-            if log_now or engine._wants_progress or engine.strategy.is_distributed:
+            if log_now or engine._wants_progress or distributed:
                 log = self._publish_step_metrics()
                 if log and log_now:
                     engine._log_to_sink(log, step=self.batches_that_stepped)

@@ -1,8 +1,10 @@
 """Calls the hooks: callbacks first, then the module, with ``self.log`` pointed at the right collector.
 
 Each hook is an explicit method call. Callbacks that do not override a
-per-batch hook are filtered out once per run, because those hooks run
-thousands of times and the loop's overhead budget is a few microseconds.
+per-batch hook are filtered out once per run, and a per-batch hook that
+nothing overrides is not called at all (its caller checks the ``any_*`` /
+``custom_*`` flag first), because those hooks run thousands of times and the
+loop's overhead budget is a few microseconds.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class HookRunner:
         self._test_batch_end = _overriding(cbs, Callback.on_test_batch_end)
         self._predict_batch_start = _overriding(cbs, Callback.on_predict_batch_start)
         self._predict_batch_end = _overriding(cbs, Callback.on_predict_batch_end)
-        # Per-step hooks nobody overrides are not called at all (each call costs a scope and a dispatch).
+        # Per-step hooks nobody overrides are not called at all (each call costs a scope and a dispatch):
+        # their callers check these flags first.
         self.any_train_batch_start = bool(self._train_batch_start) or _module_overrides(m, LightningModule.on_train_batch_start)
         self.any_train_batch_end = bool(self._train_batch_end) or _module_overrides(m, LightningModule.on_train_batch_end)
         self.any_before_backward = bool(self._before_backward) or _module_overrides(m, LightningModule.on_before_backward)
@@ -87,6 +90,9 @@ class HookRunner:
             m, LightningModule.clip_gradients
         )
         self.custom_backward = _module_overrides(m, LightningModule.backward)
+        self.custom_optimizer_step = _module_overrides(m, LightningModule.optimizer_step)
+        # configure_gradient_clipping runs (after on_before_optimizer_step) only where it can do something.
+        self.clips = self.custom_clipping or bool(engine.gradient_clip_val)
 
     def scope(self, fx: str) -> _Scope:
         """Let ``self.log`` inside this hook write into the active collector, with ``fx``'s defaults."""
@@ -174,8 +180,6 @@ class HookRunner:
                     cb.on_train_epoch_end(e, m)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        if not self.any_train_batch_start:
-            return None
         e, m = self.engine, self.module
         with self.scope("on_train_batch_start"):
             for cb in self._train_batch_start:
@@ -183,8 +187,6 @@ class HookRunner:
             return m.on_train_batch_start(batch, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.any_train_batch_end:
-            return
         e, m = self.engine, self.module
         with self.scope("on_train_batch_end"):
             for cb in self._train_batch_end:
@@ -193,8 +195,6 @@ class HookRunner:
 
     # ------------------------------------------------------- optimization
     def on_before_backward(self, loss) -> None:
-        if not self.any_before_backward:
-            return
         e, m = self.engine, self.module
         with self.scope("on_before_backward"):
             for cb in self._before_backward:
@@ -202,8 +202,6 @@ class HookRunner:
             m.on_before_backward(loss)
 
     def on_after_backward(self) -> None:
-        if not self.any_after_backward:
-            return
         e, m = self.engine, self.module
         with self.scope("on_after_backward"):
             for cb in self._after_backward:
@@ -211,8 +209,6 @@ class HookRunner:
             m.on_after_backward()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if not self.any_before_optimizer_step:
-            return
         e, m = self.engine, self.module
         with self.scope("on_before_optimizer_step"):
             for cb in self._before_optimizer_step:
@@ -221,8 +217,6 @@ class HookRunner:
 
     def configure_gradient_clipping(self, optimizer) -> None:
         e, m = self.engine, self.module
-        if not self.custom_clipping and not e.gradient_clip_val:
-            return
         with self.scope("configure_gradient_clipping"):
             m.configure_gradient_clipping(
                 optimizer,
@@ -231,8 +225,6 @@ class HookRunner:
             )
 
     def on_before_zero_grad(self, optimizer) -> None:
-        if not self.any_before_zero_grad:
-            return
         e, m = self.engine, self.module
         with self.scope("on_before_zero_grad"):
             for cb in self._before_zero_grad:
@@ -240,9 +232,6 @@ class HookRunner:
             m.on_before_zero_grad(optimizer)
 
     def optimizer_zero_grad(self, batch_idx: int, optimizer) -> None:
-        if not self.custom_zero_grad:
-            optimizer.zero_grad()
-            return
         with self.scope("optimizer_zero_grad"):
             self.module.optimizer_zero_grad(self.engine.current_epoch, batch_idx, optimizer)
 

@@ -114,13 +114,18 @@ def refuse_distributed_skip(engine: "Engine", batch_idx: int) -> None:
 class AutomaticOptimization:
     def __init__(self, engine: "Engine"):
         self.engine = engine
+        self._distributed = engine.strategy.is_distributed
 
     def run(self, batch: Any, batch_idx: int, should_step: bool) -> dict[str, Any]:
         engine = self.engine
         # Only a step that all-reduces gradients can hang on a rank that skipped it; accumulation batches
         # run backward under no_sync, so a rank may skip one of those alone.
-        closure = _Closure(engine, batch, batch_idx, check_skips=should_step and engine.strategy.is_distributed)
-        if should_step:
+        closure = _Closure(engine, batch, batch_idx, check_skips=should_step and self._distributed)
+        if should_step and not engine.hooks.custom_optimizer_step:
+            # What the default LightningModule.optimizer_step does (optimizer.step(closure=closure) on the
+            # wrapper), without its two calls.
+            engine._optimizer_step(engine.optimizers[0], closure)
+        elif should_step:
             engine.lightning_module.optimizer_step(
                 engine.current_epoch, batch_idx, engine._optimizer_wrappers[0], closure
             )
@@ -154,11 +159,15 @@ class _Closure:
         batch_idx = self.batch_idx
         accumulate = engine.config.accumulate_grad_batches
         output = engine._training_step(self.batch, batch_idx)
-        loss, extra = parse_automatic_output(output, engine, batch_idx)
+        if type(output) is Tensor and output.ndim == 0:  # the common case, without the checks' calls
+            loss, extra = output, {}
+        else:
+            loss, extra = parse_automatic_output(output, engine, batch_idx)
         if self.check_skips and loss is None:
             refuse_distributed_skip(engine, batch_idx)
         if loss is not None:
-            engine._check_finite_loss(loss, batch_idx)
+            if engine.config.fail_on_nonfinite_loss:
+                engine._check_finite_loss(loss, batch_idx)
             if accumulate > 1:
                 loss = loss / accumulate
             self.outputs = {"loss": loss.detach(), **extra} if extra else {"loss": loss.detach()}
