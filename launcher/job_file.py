@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 from typing import Any
 
 import cloudpickle
@@ -37,7 +38,10 @@ def _key() -> bytes:
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process or thread created it first: use that one
+            return _key()
         with os.fdopen(fd, "wb") as f:
             f.write(key)
         return key
@@ -56,11 +60,41 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_job(run_dir: str, record: dict[str, Any]) -> None:
-    """cloudpickle ``record`` (job, loggers, ...) into the run directory with its signature."""
-    data = cloudpickle.dumps(record)
-    _atomic_write(os.path.join(run_dir, JOB_FILE), data)
-    _atomic_write(os.path.join(run_dir, SIGNATURE_FILE), _sign(data).encode())
+class JobWrite:
+    """A job file being signed, written and fsynced by a background thread.
+
+    Those steps take milliseconds for a job that carries its data (hashing and
+    writing megabytes, then waiting for the disk), and need nothing from
+    training, so training starts meanwhile; they run without Python's GIL.
+    """
+
+    def __init__(self, run_dir: str, data: bytes):
+        self.run_dir = run_dir
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, args=(data,), name="raylight-job-write")
+        self._thread.start()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            _atomic_write(os.path.join(self.run_dir, JOB_FILE), data)
+            _atomic_write(os.path.join(self.run_dir, SIGNATURE_FILE), _sign(data).encode())
+        except BaseException as err:  # noqa: BLE001 - handed to wait()'s caller
+            self._error = err
+
+    def wait(self) -> BaseException | None:
+        """Block until the file is on disk; returns the error that stopped the write, if any."""
+        self._thread.join()
+        return self._error
+
+
+def write_job(run_dir: str, record: dict[str, Any]) -> JobWrite:
+    """cloudpickle ``record`` (job, loggers, ...) now; sign and write it into the run directory in the background.
+
+    The pickling happens before this returns, so changes made to the record's objects afterwards (training
+    the module, a logger opening its files) do not reach the file. Call ``wait()`` on the result before
+    relying on the file.
+    """
+    return JobWrite(run_dir, cloudpickle.dumps(record))
 
 
 def read_job(run_dir: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class Trainer:
         self.loggers = self._build_loggers(self.spec.logger)
         self._progress = ProgressBar(enabled=self.spec.enable_progress_bar)
         self._engine: Engine | None = None
+        self._job_write = None  # the job file being written in the background (launcher.job_file.JobWrite)
 
     # ------------------------------------------------------------------ public
     def fit(
@@ -254,8 +255,20 @@ class Trainer:
                     stacklevel=3,
                 )
                 return None
-        write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
+        # Pickled here (training changes the module next); signed and written while training starts.
+        self._job_write = write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
         return payload
+
+    def _wait_for_job_file(self) -> None:
+        """Until the job file is on disk; a failed write is a warning (the run itself did not need it)."""
+        pending, self._job_write = self._job_write, None
+        error = pending.wait() if pending is not None else None
+        if error is not None:
+            warnings.warn(
+                f"the job could not be saved to {pending.run_dir} ({type(error).__name__}: {error}); "
+                "`raylight resume` will not be able to finish this run if it is interrupted",
+                stacklevel=3,
+            )
 
     def _job(self, stage: str, model, initial_progress=None, **data):
         """The job the workers run: what this Trainer's spec says, for ``stage``, with its data."""
@@ -347,6 +360,7 @@ class Trainer:
                 logger.attach(self.run_dir.path, resume_step=resume_step)
 
     def _finish(self, engine: Engine, status: str) -> None:
+        self._wait_for_job_file()
         ckpt = self.checkpoint_callback
         self.run_dir.write_status(
             status,

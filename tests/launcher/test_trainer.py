@@ -252,3 +252,43 @@ def test_the_job_kept_for_resume_and_sent_to_workers_follows_the_spec(progress_b
     job = cloudpickle.loads(read_job(os.path.join(str(tmp_path), "job"))["job"])
     assert (job.stage, job.progress_bar, job.logger_count) == ("fit", progress_bar, 1)
     assert job.config.max_epochs == 1 and job.config.enable_checkpointing is False
+
+
+def test_the_job_file_holds_the_module_as_it_was_before_training(tmp_path):
+    # The job file is written while training runs; what it holds is the module fit() was given, so that
+    # `raylight resume` without a checkpoint starts the run over from the same weights.
+    import cloudpickle
+
+    from launcher.job_file import read_job
+
+    train, _ = _loaders()
+    model = Regressor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(max_epochs=3, default_root_dir=str(tmp_path), run_name="job", logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(model, train)
+    saved = cloudpickle.loads(read_job(os.path.join(str(tmp_path), "job"))["job"]).module.state_dict()
+    assert not torch.equal(model.state_dict()["net.0.weight"], before["net.0.weight"])  # it did train
+    for name, value in before.items():
+        assert torch.equal(saved[name], value), name
+
+
+def test_a_job_file_that_cannot_be_written_is_a_warning_and_the_fit_completes(tmp_path):
+    from launcher.job_file import JOB_FILE
+
+    run = tmp_path / "job"
+    run.mkdir()
+    # The job file is written through a temporary file named after the process; a directory in its place
+    # makes that write fail as a full or read-only disk would.
+    (run / f"{JOB_FILE}.tmp-{os.getpid()}").mkdir()
+    train, _ = _loaders()
+    model = Regressor()
+    before = model.state_dict()["net.0.weight"].clone()
+    trainer = Trainer(max_epochs=1, default_root_dir=str(tmp_path), run_name="job", logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"the job could not be saved to .*job \(IsADirectoryError.*raylight resume"):
+        trainer.fit(model, train)
+    assert trainer.global_step == 5
+    assert not torch.equal(model.state_dict()["net.0.weight"], before)
+    assert not (run / JOB_FILE).exists()
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
