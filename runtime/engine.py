@@ -696,7 +696,7 @@ class Engine:
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)
-        with self.hooks.scope("training_step"):
+        with self.hooks.training_step_scope:
             try:
                 if self._autocast:
                     with self.precision_plugin.forward_context():

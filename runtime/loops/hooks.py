@@ -30,8 +30,10 @@ def _module_overrides(module: LightningModule, base_hook: Callable) -> bool:
 class _Scope:
     """Context manager that points ``self.log`` at the active collector with ``fx``'s rules.
 
-    A small class rather than ``@contextmanager``: it runs ~10 times per
-    training step. It writes the module's ``__dict__`` directly because
+    A small class rather than ``@contextmanager``: the training step enters
+    one every step. One instance per hook name is made and reused (entering it
+    again while it is active, from a nested call, is fine: what it restores is
+    kept on a stack). It writes the module's ``__dict__`` directly because
     ``nn.Module.__setattr__`` type-checks every assignment.
     """
 
@@ -40,11 +42,14 @@ class _Scope:
     def __init__(self, runner: "HookRunner", fx: str):
         self.runner = runner
         self.fx = fx
+        self.saved: list[tuple] = []
 
     def __enter__(self) -> None:
         state = self.runner._module_state
         collector = self.runner.engine._active_collector
-        self.saved = (state["_collector"], state["_current_hook"], collector, collector.current_fx if collector else None)
+        self.saved.append(
+            (state["_collector"], state["_current_hook"], collector, collector.current_fx if collector else None)
+        )
         if collector is not None:
             collector.current_fx = self.fx
         state["_collector"] = collector
@@ -52,7 +57,7 @@ class _Scope:
 
     def __exit__(self, *exc: Any) -> None:
         state = self.runner._module_state
-        state["_collector"], state["_current_hook"], collector, previous_fx = self.saved
+        state["_collector"], state["_current_hook"], collector, previous_fx = self.saved.pop()
         if collector is not None:
             collector.current_fx = previous_fx
 
@@ -62,6 +67,8 @@ class HookRunner:
         self.engine = engine
         self.module = m = engine.lightning_module
         self._module_state = vars(m)
+        self._scopes: dict[str, _Scope] = {}
+        self.training_step_scope = self.scope("training_step")
         cbs = engine.callbacks
         self._train_batch_start = _overriding(cbs, Callback.on_train_batch_start)
         self._train_batch_end = _overriding(cbs, Callback.on_train_batch_end)
@@ -96,7 +103,10 @@ class HookRunner:
 
     def scope(self, fx: str) -> _Scope:
         """Let ``self.log`` inside this hook write into the active collector, with ``fx``'s defaults."""
-        return _Scope(self, fx)
+        scope = self._scopes.get(fx)
+        if scope is None:
+            scope = self._scopes[fx] = _Scope(self, fx)
+        return scope
 
     # ------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
