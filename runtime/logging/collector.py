@@ -320,8 +320,6 @@ class MetricCollector:
     # ------------------------------------------------------------- reading
     def step_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
         """(callback, log, progress bar) values of the current step."""
-        if self._gather is None:
-            self.sync_step()
         callback: dict[str, Tensor] = {}
         log: dict[str, Tensor] = {}
         pbar: dict[str, float] = {}

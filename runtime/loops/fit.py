@@ -254,16 +254,20 @@ class FitLoop:
                 engine._update_schedulers("step", batch_idx, plateau=False)
                 if is_last:
                     engine._update_schedulers("epoch", batch_idx, plateau=False)
+            published = None
             if distributed:
                 # on_train_batch_end reads this step's values (their last reduction for sync_dist ones), as
                 # in Lightning; in one process callback_metrics are read lazily instead.
                 if self._step_values_due(batch_idx, is_last, should_accumulate):
                     collector.sync_step()
-                self._publish_step_metrics()
+                published = self._publish_step_metrics()
             self.position = "batch_end"
             if any_batch_end:
                 hooks.on_train_batch_end(outputs, batch, batch_idx)
-            self._finish_batch_tail(batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last)
+                published = None  # it may have logged: the tail reduces and publishes again
+            self._finish_batch_tail(
+                batch_idx, "batch_end", budget, should_accumulate=should_accumulate, is_last=is_last, published=published
+            )
             if probe is not None and probe():
                 # A node is about to be preempted: commit a checkpoint now; the run continues, and resumes
                 # from it on the remaining or replacement nodes.
@@ -310,8 +314,13 @@ class FitLoop:
         budget: int | float,
         should_accumulate: bool | None = None,
         is_last: bool | None = None,
+        published: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Everything after on_train_batch_end: log, validate if due, plateau schedulers, counters."""
+        """Everything after on_train_batch_end: log, validate if due, plateau schedulers, counters.
+
+        ``published``: the logger's part of this step's values, when they were already reduced and published
+        and nothing has logged since (a distributed step without an on_train_batch_end hook).
+        """
         engine = self.engine
         module = engine.lightning_module
         if is_last is None:
@@ -322,12 +331,12 @@ class FitLoop:
             distributed = engine.strategy.is_distributed
             log_now = not should_accumulate and self._logger_step_due()
             check_val = self._should_check_val(batch_idx, is_last)
-            if distributed and (log_now or check_val):
-                self.collector.sync_step()  # a no-op when on_train_batch_end's step was already due
+            if published is None and distributed and (log_now or check_val):
+                self.collector.sync_step()  # only what on_train_batch_end logged can still be pending
             # In one process callback_metrics are read lazily; across ranks every step publishes its
             # values (sync_dist ones as of their last reduction) so that all ranks see the same ones.
             if log_now or engine._wants_progress or distributed:
-                log = self._publish_step_metrics()
+                log = published if published is not None else self._publish_step_metrics()
                 if log and log_now:
                     engine._log_to_sink(log, step=self.batches_that_stepped)
                 if engine._wants_progress:
