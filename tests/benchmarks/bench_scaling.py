@@ -46,6 +46,12 @@ lands), and the time rank 0 spent in Python's garbage collector. Each variant
 and worker count runs as its own Python process against one Ray head
 started here, interleaved round by round; the median is reported with the
 range. Goal: raylight within 5% of the hand-written loop at every size.
+
+``--pin`` pins every worker process (all of its threads) to one core, rank r
+on core r, in every variant alike, once training is about to start (raylight:
+the module's ``setup``; hand-written: the top of the loop). Unpinned, the
+scheduler moves the ranks' threads between cores, which makes the step time
+of the same code differ from one process to the next.
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ def dataset():
     n = WORKERS * STEPS * BATCH
     return TensorDataset(torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g))
 STAMPS = os.path.join(OUT, "stamps.json")
+PIN = os.environ.get("BENCH_PIN") == "1"  # read on the driver; the workers get it inside the pickled code
+def pin_to_core(rank):
+    """--pin: every thread of this worker process (training, gloo, Ray's) onto core ``rank``, one core per rank."""
+    core = {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), core)
+        except OSError:
+            pass  # the thread exited meanwhile
 MACHINE, THREAD = [], []
 GC = {"counting": False, "started": None, "seconds": 0.0, "collections": [0, 0, 0]}
 def gc_timer(phase, info):
@@ -137,6 +152,9 @@ class Model(LightningModule):
         super().__init__()
         self.net = net()
         self.stamps, self.cpu = [], []
+    def setup(self, stage):
+        if PIN:
+            pin_to_core(self.global_rank)
     def train_dataloader(self):
         return DataLoader(dataset(), batch_size=BATCH)  # built on each worker, as the hand-written loop does
     def training_step(self, batch, batch_idx):
@@ -164,10 +182,12 @@ HANDWRITTEN = COMMON + r'''
 import ray, ray.train, ray.train.torch
 
 def loop(config):
+    rank = ray.train.get_context().get_world_rank()
+    if PIN:
+        pin_to_core(rank)
     model = ray.train.torch.prepare_model(net())
     loader = ray.train.torch.prepare_data_loader(DataLoader(dataset(), batch_size=BATCH))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rank = ray.train.get_context().get_world_rank()
     stamps, cpu = [], []
     model.train()
     for step, (x, y) in enumerate(loader):
@@ -262,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=float, default=8.0,
                         help="seconds of training not timed at the start (Ray Train starts actors of its own then)")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin each worker process (all its threads) to one core, rank r on core r, in every "
+                             "variant alike: less noise from the scheduler moving threads between cores")
     parser.add_argument("--plot", metavar="PNG", default="scaling.png")
     parser.add_argument("--also", default="", metavar="VARIANTS",
                         help=f"comma-separated variants of raylight's settings to run too: {', '.join(SETTING_VARIANTS)}")
@@ -296,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
                 with tempfile.TemporaryDirectory(dir=scratch) as out:
                     script, env = runs[variant]
                     run_child([scripts[script], script, str(workers), str(args.steps), str(args.warmup),
-                               head.address, out], env=env)
+                               head.address, out], env={**env, "BENCH_PIN": "1" if args.pin else "0"})
                     with open(os.path.join(out, "stamps.json")) as f:
                         recorded = json.load(f)
                 stamps = recorded["stamps"]
