@@ -96,7 +96,7 @@ class Engine:
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
         self._callback_metrics: dict[str, Tensor] = {}
         self._logged_metrics: dict[str, Tensor] = {}
-        self._progress_bar_metrics: dict[str, float] = {}
+        self._progress_bar_metrics: dict[str, float | Tensor] = {}
         self._active_collector = None
         self._train_loader: PreparedLoader | None = None
         self._val_loaders: list[PreparedLoader] | None = None
@@ -174,7 +174,8 @@ class Engine:
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
         self._refresh_from_active()
-        return self._progress_bar_metrics
+        # Step values are kept as tensors (see MetricCollector.step_metrics); readers get floats, as in Lightning.
+        return {k: float(v) for k, v in self._progress_bar_metrics.items()}
 
     def _refresh_from_active(self) -> None:
         # In one process, reading metrics is free, so values logged a moment ago show up at once (as in

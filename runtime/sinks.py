@@ -23,7 +23,7 @@ class Progress:
     batch_idx: int  # batches finished in this epoch/pass (1-based count)
     total: int | None  # batches in this epoch/pass, None when unknown
     global_step: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # floats, or 0-d tensors within one process
 
 
 @runtime_checkable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import sys
 import tempfile
@@ -85,7 +86,9 @@ class RemoteMetricsSink:
         last_of_pass = update.total is not None and update.batch_idx >= update.total
         if now - self._last_progress >= 1.0 / PROGRESS_PER_SECOND or last_of_pass:
             self._last_progress = now
-            self.actor.progress.remote(update)
+            # Floats, made only for the updates that are sent (the engine keeps step values as tensors).
+            metrics = {k: float(v) for k, v in update.metrics.items()}
+            self.actor.progress.remote(dataclasses.replace(update, metrics=metrics))
 
     def flush(self) -> None:
         # No wait: the sink actor runs this caller's calls in order, so the loggers flush before the

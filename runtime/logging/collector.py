@@ -318,11 +318,15 @@ class MetricCollector:
         )
 
     # ------------------------------------------------------------- reading
-    def step_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
-        """(callback, log, progress bar) values of the current step."""
+    def step_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """(callback, log, progress bar) values of the current step.
+
+        The progress bar's stay tensors: they are turned into floats where a bar is drawn or an update
+        leaves the process, a few times a second, not at every step (on a GPU each float() waits for it).
+        """
         callback: dict[str, Tensor] = {}
         log: dict[str, Tensor] = {}
-        pbar: dict[str, float] = {}
+        pbar: dict[str, Tensor] = {}
         for entry in self.entries.values():
             if not entry.on_step or entry.step_value is None or not entry.step_synced:
                 continue
@@ -334,7 +338,7 @@ class MetricCollector:
                 callback[entry.name] = value
                 callback[key] = value
             if entry.prog_bar:
-                pbar[key] = float(value)
+                pbar[key] = value
         return callback, log, pbar
 
     def epoch_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:

@@ -137,3 +137,57 @@ def test_final_training_bar_shows_the_last_validations_metrics_when_updates_are_
     engine.fit(Model(), data, data)
     frames = [f for f in stream.getvalue().replace("\r", "\n").splitlines() if f.startswith("Epoch 2")]
     assert "val_acc=0.700" in frames[-1], frames[-1]
+
+
+def test_prog_bar_values_are_floats_where_they_are_read():
+    # The engine keeps a step's progress-bar values as tensors (on a GPU each float() waits for the GPU);
+    # trainer.progress_bar_metrics, as in Lightning, and the bar show floats.
+    import torch
+    from torch.utils.data import DataLoader
+
+    from launcher import Trainer
+    from runtime import LightningModule
+
+    class Model(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch).pow(2).mean()
+            self.log("train_loss", loss, prog_bar=True)
+            self.last_loss = float(loss.detach())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    stream = io.StringIO()
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer._progress = ProgressBar(file=stream, mininterval=0)
+    model = Model()
+    trainer.fit(model, DataLoader(torch.randn(8, 2), batch_size=4))
+    assert trainer.progress_bar_metrics == {"train_loss": model.last_loss}
+    assert type(trainer.progress_bar_metrics["train_loss"]) is float
+    assert f"train_loss={_format_value(model.last_loss)}" in stream.getvalue().replace("\r", "\n").splitlines()[-1]
+
+
+def test_a_ray_worker_sends_progress_bar_values_as_floats():
+    # A step's values are tensors in the worker (a CUDA tensor would need CUDA on the driver to unpickle);
+    # what leaves for the driver's bar is floats, made only for the updates that are sent.
+    from types import SimpleNamespace
+
+    import torch
+
+    from launcher.ray.worker import RemoteMetricsSink
+
+    sent: list[Progress] = []
+    actor = SimpleNamespace(progress=SimpleNamespace(remote=sent.append))  # records what a Ray actor would get
+    sink = RemoteMetricsSink(actor, has_loggers=False, wants_progress=True)
+    update = Progress("train", 0, 4, 4, 4, {"loss": torch.tensor(0.25), "acc": 0.5})
+    sink.progress(update)
+    (received,) = sent
+    assert received.metrics == {"loss": 0.25, "acc": 0.5}
+    assert all(type(v) is float for v in received.metrics.values())
+    assert (received.stage, received.batch_idx, received.total, received.global_step) == ("train", 4, 4, 4)
+    assert isinstance(update.metrics["loss"], torch.Tensor)  # the engine's own update is left as it was

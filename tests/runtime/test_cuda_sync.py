@@ -31,7 +31,7 @@ class LoggingRegressor(LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
+        self.log("train_loss", loss, prog_bar=True)
         self.log("train_loss_synced", loss, sync_dist=True, on_epoch=True)
         return loss
 
@@ -39,7 +39,7 @@ class LoggingRegressor(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _syncs_in_fit(tmp_path, max_steps: int, **trainer_kwargs) -> int:
+def _syncs_in_fit(tmp_path, max_steps: int, enable_progress_bar: bool = False, **trainer_kwargs) -> int:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(4096, 16, generator=g), torch.randn(4096, 1, generator=g))
     # Pinned batches, as a GPU user sets them: from pageable memory the driver may wait for the stream while
@@ -47,7 +47,7 @@ def _syncs_in_fit(tmp_path, max_steps: int, **trainer_kwargs) -> int:
     loader = DataLoader(data, batch_size=8, pin_memory=True)
     trainer = Trainer(
         num_workers=0, use_gpu=True, max_steps=max_steps, default_root_dir=str(tmp_path / str(max_steps)),
-        enable_progress_bar=False, enable_checkpointing=False, precision="bf16-mixed", **trainer_kwargs,
+        enable_progress_bar=enable_progress_bar, enable_checkpointing=False, precision="bf16-mixed", **trainer_kwargs,
     )
     module = LoggingRegressor()
     with warnings.catch_warnings(record=True) as caught:
@@ -67,6 +67,15 @@ def test_a_fit_without_loggers_waits_for_the_gpu_no_more_often_when_it_runs_long
     # 200 more steps, four more log_every_n_steps boundaries: not one more wait. (Before the epoch
     # accumulators stayed on the GPU this was 65 against 264 on an H200: one wait per step.)
     assert long <= short, f"a 60-step fit waited for the GPU {short} times, a 260-step fit {long} times"
+
+
+def test_the_progress_bar_waits_for_the_gpu_when_it_is_drawn_not_at_every_step(tmp_path):
+    # The bar shows train_loss (prog_bar=True). Its value becomes a float when the bar is drawn, at most
+    # 10 times a second, not at each step: 200 more steps must not cost anywhere near 200 more waits.
+    _syncs_in_fit(tmp_path, 10, logger=False, enable_progress_bar=True)
+    short = _syncs_in_fit(tmp_path, 60, logger=False, enable_progress_bar=True)
+    long = _syncs_in_fit(tmp_path, 260, logger=False, enable_progress_bar=True)
+    assert long - short < 50, f"a 60-step fit waited for the GPU {short} times, a 260-step fit {long} times"
 
 
 def test_a_fit_with_a_logger_waits_once_per_logged_row(tmp_path):
