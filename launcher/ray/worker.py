@@ -236,9 +236,17 @@ class DriverFiles:
     ) -> None:
         """``write(file)`` becomes ``remote_path`` on the driver; with ``wait``, returns once it (and every file
         before it) is committed."""
-        self.confirm()  # the previous file's commit: long done by now, unless it failed
+        tmp = None
         if self.sees_driver_directory():
-            self._unconfirmed.append(self._write_in_place(remote_path, is_checkpoint, write, progress))
+            # The hidden file is announced before it exists, so that if this worker dies while writing it,
+            # the actor removes it when the next attempt begins. The announcement must have arrived first:
+            # one sent just before a kill can be lost with the worker (confirm() below waits for it).
+            directory = os.path.dirname(remote_path) or "."
+            tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
+            self._unconfirmed.append(self.actor.expect_written.remote(tmp))
+        self.confirm()  # the previous file's commit (long done by now, unless it failed), and the announcement
+        if tmp is not None:
+            self._unconfirmed.append(self._write_in_place(tmp, remote_path, is_checkpoint, write, progress))
         else:
             self._unconfirmed.append(upload(self.actor, remote_path, is_checkpoint, write, progress))
         if wait:
@@ -248,14 +256,12 @@ class DriverFiles:
         self._unconfirmed.append(self.actor.remove.remote(remote_path))
 
     def _write_in_place(
-        self, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None
+        self, tmp: str, remote_path: str, is_checkpoint: bool, write: Callable[[Any], None], progress: dict | None
     ) -> Any:
-        """A hidden file next to ``remote_path``; returns the reference of the actor's commit of it."""
-        directory = os.path.dirname(remote_path) or "."
-        os.makedirs(directory, exist_ok=True)
+        """``tmp``, a hidden file next to ``remote_path`` that the actor expects; returns the reference of the
+        actor's commit of it."""
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         # Not mkstemp: its file is private to this user; this one gets the permissions a streamed one gets.
-        tmp = os.path.join(directory, f".{os.path.basename(remote_path)}.written-{uuid.uuid4().hex[:8]}")
-        self._unconfirmed.append(self.actor.expect_written.remote(tmp))  # removed there if this worker dies
         try:
             with open(tmp, "xb") as f:
                 write(f)
