@@ -14,11 +14,13 @@ import hmac
 import os
 import secrets
 import threading
+import time
 from typing import Any
 
 import cloudpickle
 
 JOB_FILE = "job.pkl"
+KEY_WAIT_SECONDS = 5.0  # how long to wait for a key file that another process is creating to hold its bytes
 SIGNATURE_FILE = "job.pkl.sig"
 
 
@@ -32,19 +34,34 @@ def key_path() -> str:
 
 def _key() -> bytes:
     path = key_path()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
+    if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         key = secrets.token_bytes(32)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process or thread created it first: use that one
-            return _key()
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-        return key
+        except FileExistsError:
+            pass  # another process or thread created it first: use theirs
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+            return key
+    return _read_key(path)
+
+
+def _read_key(path: str) -> bytes:
+    # A key file that another process or thread has just created may not hold its bytes yet: wait briefly.
+    deadline = time.monotonic() + KEY_WAIT_SECONDS
+    while True:
+        with open(path, "rb") as f:
+            key = f.read()
+        if key:
+            return key
+        if time.monotonic() > deadline:
+            raise JobFileError(
+                f"the job-signing key {path} is empty (a process stopped while creating it?); delete it, and "
+                "the next run makes a new one"
+            )
+        time.sleep(0.01)
 
 
 def _sign(data: bytes) -> str:
