@@ -697,7 +697,7 @@ class Engine:
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)
-        with self.hooks.training_step_scope:
+        with self.hooks.scope("training_step"):
             try:
                 if self._autocast:
                     with self.precision_plugin.forward_context():
@@ -764,15 +764,12 @@ class Engine:
         # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
         skipped = plugin.scaler is not None and closure is not None and result is None
         if not (skipped and self.lightning_module.automatic_optimization):
-            hooks = self.hooks
-            after_closure = self._after_closure if hooks.any_before_optimizer_step or hooks.clips else None
-            plugin.optimizer_step(optimizer, after_closure, **kwargs)
+            plugin.optimizer_step(optimizer, self._after_closure, **kwargs)
         self.global_step += 1
         return result
 
     def _check_finite_loss(self, loss: Tensor, batch_idx: int) -> None:
-        """Trainer(fail_on_nonfinite_loss=True): stop at a NaN/inf loss (the caller checks the setting)."""
-        if not bool(torch.isfinite(loss.detach()).all()):
+        if self.config.fail_on_nonfinite_loss and not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteLossError(
                 f"training_step returned a non-finite loss ({float(loss.detach())}) on rank {self.global_rank} at "
                 f"epoch {self.current_epoch}, batch {batch_idx}, global step {self.global_step}; the run stopped "

@@ -59,22 +59,17 @@ class Precision:
     def scale_loss(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def optimizer_step(
-        self, optimizer: Optimizer, after_closure: Callable[[Optimizer], None] | None, **kwargs: Any
-    ) -> None:
+    def optimizer_step(self, optimizer: Optimizer, after_closure: Callable[[Optimizer], None], **kwargs: Any) -> None:
         """Step after the closure has run: unscale, call ``after_closure(optimizer)`` (hooks, clipping), step.
 
-        ``after_closure`` is None when there are no such hooks and no clipping. With a GradScaler the step
-        is skipped when gradients are not finite, and the scale is updated.
+        With a GradScaler the step is skipped when gradients are not finite, and the scale is updated.
         """
         if self.scaler is None:
-            if after_closure is not None:
-                after_closure(optimizer)
+            after_closure(optimizer)
             optimizer.step(**kwargs)
             return
         self.scaler.unscale_(optimizer)
-        if after_closure is not None:
-            after_closure(optimizer)
+        after_closure(optimizer)
         self.scaler.step(optimizer, **kwargs)
         self.scaler.update()
 

@@ -227,10 +227,8 @@ class FitLoop:
         has_schedulers = bool(engine.lr_scheduler_configs)
         probe = engine._preemption_probe
         distributed = engine.strategy.is_distributed
-        plain_batches = engine._plain_transfer
         any_batch_start, any_batch_end = hooks.any_train_batch_start, hooks.any_train_batch_end
-        max_steps = engine.max_steps
-        while not self._batch_loop_done(batch_idx, budget, max_steps):
+        while not self._batch_loop_done(batch_idx, budget):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -239,8 +237,7 @@ class FitLoop:
             self.batch_idx = batch_idx
             self.total_batch_idx += 1
             is_last = batch_idx + 1 >= budget
-            if not plain_batches:
-                batch = engine._prepare_batch(batch, 0)
+            batch = engine._prepare_batch(batch, 0)
             collector.new_batch(batch)
             if any_batch_start and hooks.on_train_batch_start(batch, batch_idx) == -1:
                 break
@@ -298,13 +295,9 @@ class FitLoop:
         engine = self.engine
         return self._logger_step_due() or any(cb.saves_after_step(engine.global_step) for cb in engine.checkpoint_callbacks)
 
-    def _batch_loop_done(self, batch_idx: int, budget: int | float, max_steps: int) -> bool:
-        """Whether the epoch's batch loop stops here; ``max_steps`` is read once per epoch by the caller."""
-        engine = self.engine
-        return (
-            batch_idx + 1 >= budget
-            or (max_steps != -1 and engine.global_step >= max_steps)
-            or (engine.should_stop and self._can_stop_early())
+    def _batch_loop_done(self, batch_idx: int, budget: int | float) -> bool:
+        return batch_idx + 1 >= budget or self._max_steps_reached() or (
+            self.engine.should_stop and self._can_stop_early()
         )
 
     def _finish_batch_tail(

@@ -68,7 +68,6 @@ class HookRunner:
         self.module = m = engine.lightning_module
         self._module_state = vars(m)
         self._scopes: dict[str, _Scope] = {}
-        self.training_step_scope = self.scope("training_step")
         cbs = engine.callbacks
         self._train_batch_start = _overriding(cbs, Callback.on_train_batch_start)
         self._train_batch_end = _overriding(cbs, Callback.on_train_batch_end)

@@ -159,15 +159,11 @@ class _Closure:
         batch_idx = self.batch_idx
         accumulate = engine.config.accumulate_grad_batches
         output = engine._training_step(self.batch, batch_idx)
-        if type(output) is Tensor and output.ndim == 0:  # the common case, without the checks' calls
-            loss, extra = output, {}
-        else:
-            loss, extra = parse_automatic_output(output, engine, batch_idx)
+        loss, extra = parse_automatic_output(output, engine, batch_idx)
         if self.check_skips and loss is None:
             refuse_distributed_skip(engine, batch_idx)
         if loss is not None:
-            if engine.config.fail_on_nonfinite_loss:
-                engine._check_finite_loss(loss, batch_idx)
+            engine._check_finite_loss(loss, batch_idx)
             if accumulate > 1:
                 loss = loss / accumulate
             self.outputs = {"loss": loss.detach(), **extra} if extra else {"loss": loss.detach()}
