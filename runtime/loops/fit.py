@@ -326,9 +326,11 @@ class FitLoop:
             check_val = self._should_check_val(batch_idx, is_last)
             if published is None and distributed and (log_now or check_val):
                 self.collector.sync_step()  # only what on_train_batch_end logged can still be pending
-            # In one process callback_metrics are read lazily; across ranks every step publishes its
-            # values (sync_dist ones as of their last reduction) so that all ranks see the same ones.
-            if log_now or engine._wants_progress or distributed:
+            # In one process callback_metrics are read lazily, except by validation's callbacks (EarlyStopping or
+            # ModelCheckpoint monitoring a training value), which run after the training collector is put away;
+            # across ranks every step publishes its values (sync_dist ones as of their last reduction) so that
+            # all ranks see the same ones.
+            if log_now or engine._wants_progress or distributed or check_val:
                 log = published if published is not None else self._publish_step_metrics()
                 if log and log_now:
                     engine._log_to_sink(log, step=self.batches_that_stepped)

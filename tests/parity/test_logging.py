@@ -118,6 +118,26 @@ def test_log_metrics_seen_by_callbacks(tmp_path, variant):
         assert_same_metrics(exp, act, f"callback_metrics in {where} at global_step {step}")
 
 
+@pytest.mark.parametrize("variant", ["plain", "val-twice-per-epoch"])
+def test_callbacks_see_training_values_during_validation_without_a_logger(tmp_path, variant):
+    # No logger and the default log_every_n_steps (50, more than an epoch here): the validation that runs
+    # inside fit still lets its callbacks (EarlyStopping, ModelCheckpoint, a user's) read this step's
+    # training values, as in Lightning.
+    pl_run, rl_run = run_both(
+        LogProbe,
+        tmp_path=tmp_path,
+        data=lambda: {"train_dataloaders": loader(n=22), "val_dataloaders": loader(n=10, seed=99)},
+        trainer_args=dict(VARIANTS[variant], num_sanity_val_steps=0),
+        callbacks=lambda side: [callback_class(MetricSnapshots, side)()],
+    )
+    expected = [s for s in pl_run.callbacks[0].snapshots if s[0] == "on_validation_end"]
+    actual = [s for s in rl_run.callbacks[0].snapshots if s[0] == "on_validation_end"]
+    assert [s[:2] for s in actual] == [s[:2] for s in expected] and expected
+    for (where, step, exp), (_, _, act) in zip(expected, actual):
+        assert "train_loss" in act, f"{where} at global_step {step}: {sorted(act)}"
+        assert_same_metrics(exp, act, f"callback_metrics in {where} at global_step {step}")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logger_rows(tmp_path, variant):
     # The "epoch" key Lightning adds to logger rows is not compared (a known, intentional difference).
