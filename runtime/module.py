@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from runtime.errors import MisconfigurationError
 from runtime.hparams import AttributeDict, collect_init_args, select_hparams
+from runtime.logging.collector import metric_collection_items
 
 
 class LightningModule(nn.Module):
@@ -180,8 +181,12 @@ class LightningModule(nn.Module):
         batch_size: int | None = None,
         rank_zero_only: bool = False,
     ) -> None:
-        """``self.log`` for every item of ``dictionary`` with the same options."""
-        for key, value in dictionary.items():
+        """``self.log`` for every item of ``dictionary`` with the same options.
+
+        ``dictionary`` may be a torchmetrics ``MetricCollection``: each Metric is logged under its name.
+        """
+        items = dictionary.items() if type(dictionary) is dict else metric_collection_items(dictionary)
+        for key, value in items:
             self.log(
                 key,
                 value,

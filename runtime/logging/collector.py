@@ -3,11 +3,20 @@
 Reductions across ranks are batched: every ``sync_dist`` value pending at a
 log boundary travels in one ``all_gather`` of a packed vector, whatever the
 number of metrics (Lightning issues one collective per value).
+
+A torchmetrics ``Metric`` may be logged too: its last ``forward`` value is the
+step value and its ``compute()`` the epoch value, after which it is reset.
+torchmetrics is never imported here: a Metric can only exist once the user's
+code has imported it, so it is looked up in ``sys.modules``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +26,8 @@ from torch import Tensor
 from runtime.errors import MisconfigurationError
 
 _REDUCTIONS = ("mean", "sum", "max", "min")
+# Step values of other dtypes (integers, bool, float16, bfloat16) are read as float32, as in Lightning.
+_READ_DTYPES = (torch.float32, torch.float64)
 
 # (allowed on_step, allowed on_epoch, default on_step, default on_epoch); None = may not log.
 _STEP_HOOK = ((False, True), (False, True), True, False)
@@ -73,6 +84,8 @@ class _Entry:
     weight: float = 0.0  # sum(batch_size) for mean
     epoch_value: Tensor | None = None  # reduced epoch value, None until computed
     updates: int = 0
+    is_metric: bool = False  # the values are a torchmetrics Metric's (no total: the Metric holds the state)
+    metric: Any = None  # that Metric, until it is reset
 
     @property
     def forked(self) -> bool:
@@ -100,25 +113,62 @@ def _running_extreme(total: float | Tensor, value: float | Tensor, reduce_fx: st
     return torch.maximum(total, value) if reduce_fx == "max" else torch.minimum(total, value)
 
 
-def extract_batch_size(batch: Any) -> int:
-    """The size of the first dimension of the first tensor found in the batch (Lightning's rule)."""
+def _batch_sizes(batch: Any) -> Iterator[int | None]:
+    """The first-dimension size of every tensor in ``batch``, in order; None for each leaf that is not one.
+
+    Lightning's traversal: a string is a leaf (its characters are not samples), a mapping contributes its
+    values, any other iterable its items, a dataclass its fields. Bytes and numeric numpy arrays hold no
+    tensor whatever their length, so they are leaves here without being walked element by element.
+    """
     if isinstance(batch, Tensor):
-        return 1 if batch.ndim == 0 else int(batch.size(0))
-    if isinstance(batch, (str, bytes)):
-        return 1
-    if isinstance(batch, dict):
-        for value in batch.values():
-            size = extract_batch_size(value)
-            if size:
-                return size
-        return 0
-    if isinstance(batch, (list, tuple)):
-        for value in batch:
-            size = extract_batch_size(value)
-            if size:
-                return size
-        return 0
-    return 0
+        yield 1 if batch.ndim == 0 else int(batch.size(0))
+    elif isinstance(batch, (str, bytes, bytearray)) or _is_numeric_array(batch):
+        yield None
+    elif isinstance(batch, (Iterable, Mapping)):
+        for item in batch.values() if isinstance(batch, Mapping) else batch:
+            yield from _batch_sizes(item)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for field in dataclasses.fields(batch):
+            yield from _batch_sizes(getattr(batch, field.name))
+    else:
+        yield None
+
+
+def _is_numeric_array(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)  # numpy is not imported: an array is recognised by its dtype's kind
+    return type(value).__module__ == "numpy" and getattr(dtype, "kind", "O") != "O"
+
+
+def extract_batch_size(batch: Any) -> int:
+    """The size of the first dimension of the first tensor found in the batch (Lightning's rule).
+
+    Raises MisconfigurationError when the batch holds no tensor; warns when its tensors disagree.
+    """
+    fix = "pass it as self.log(..., batch_size=N)"
+    found: int | None = None
+    try:
+        for size in _batch_sizes(batch):
+            if found is None:
+                found = size
+            elif size is not None and size != found:
+                warnings.warn(
+                    f"The batch size inferred for self.log is ambiguous: the batch's first tensor has {found} rows, "
+                    f"a later one {size}; {found} is used. If that is not the batch size, {fix}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                break
+    except RecursionError:
+        raise MisconfigurationError(
+            f"The batch size for self.log could not be inferred: the {type(batch).__name__} batch is nested too "
+            f"deeply to search for a tensor; {fix}"
+        ) from None
+    if found is None:
+        raise MisconfigurationError(
+            f"The batch size for self.log could not be inferred: the batch ({type(batch).__name__}: {batch!r:.80}) "
+            f"holds no tensor; {fix}"
+        )
+    return found
 
 
 class MetricCollector:
@@ -191,7 +241,8 @@ class MetricCollector:
                 f"on_step may be {allowed_step}, on_epoch may be {allowed_epoch} there"
             )
         reduce_fx = _reduce_name(reduce_fx, name)
-        tensor = _to_scalar_tensor(name, value, enable_graph)
+        metric = None if isinstance(value, (Tensor, float, int)) else _torchmetrics_metric(name, value)
+        tensor = _to_scalar_tensor(name, value, enable_graph) if metric is None else None
         if not on_step and not on_epoch:
             raise MisconfigurationError(f"self.log({name!r}, on_step=False, on_epoch=False) records nothing; set one")
 
@@ -200,7 +251,8 @@ class MetricCollector:
             suffix = f"/dataloader_idx_{self.dataloader_idx}"
         key = name + suffix
         entry = self.entries.get(key)
-        sync = sync_dist and not rank_zero_only and self._gather is not None
+        # A Metric syncs its own states across ranks in compute(); sync_dist and reduce_fx do not apply to it.
+        sync = sync_dist and not rank_zero_only and self._gather is not None and metric is None
         if entry is None:
             entry = _Entry(
                 key,
@@ -214,6 +266,7 @@ class MetricCollector:
                 reduce_fx,
                 sync,
                 total=_initial_total(reduce_fx),
+                is_metric=metric is not None,
             )
             self.entries[key] = entry
         elif (entry.on_step, entry.on_epoch, entry.reduce_fx) != (on_step, on_epoch, reduce_fx):
@@ -222,7 +275,17 @@ class MetricCollector:
                 f"reduce_fx were {entry.on_step}/{entry.on_epoch}/{entry.reduce_fx!r}, now "
                 f"{on_step}/{on_epoch}/{reduce_fx!r}); use one set of options per metric name"
             )
+        elif entry.is_metric != (metric is not None):
+            before, now = ("a torchmetrics Metric", "a number") if entry.is_metric else ("a number", "a Metric")
+            raise MisconfigurationError(
+                f"self.log({name!r}, value) was given {before} earlier in this loop and now {now} "
+                f"({type(value).__name__}); log the two under different names"
+            )
         entry.prog_bar, entry.logger, entry.sync = prog_bar, logger, sync
+        if metric is not None:
+            # Never in the fast-path cache: a tensor logged later with the same options must reach the check above.
+            self._update_metric(entry, metric)
+            return
         if isinstance(reduce_fx, str) or not callable(reduce_fx):
             self._validated[cache_key] = entry
         self._update(entry, tensor, batch_size)
@@ -248,10 +311,19 @@ class MetricCollector:
             else:
                 entry.total = _running_extreme(entry.total, value, reduce_fx)
 
+    def _update_metric(self, entry: _Entry, metric: Any) -> None:
+        entry.updates += 1
+        entry.metric = metric
+        if entry.on_step:
+            # The value of the Metric's last forward(); None (no step value) if only update() has run.
+            cache = metric._forward_cache
+            entry.step_value = None if cache is None else _metric_value(entry.base, metric, cache, "forward()")
+        if entry.on_epoch:
+            entry.epoch_value = None
+
     def _current_batch_size(self) -> int:
         if self._batch_size is None:
-            size = extract_batch_size(self._batch) if self._batch is not None else 1
-            self._batch_size = size or 1
+            self._batch_size = extract_batch_size(self._batch) if self._batch is not None else 1
         return self._batch_size
 
     # ---------------------------------------------------------- reductions
@@ -276,8 +348,9 @@ class MetricCollector:
                 packed = torch.stack([v.to(torch.float64) for v in values])
             gathered = self._gather(packed)
             reduced = {fx: _reduce_rows(gathered, fx) for fx in {e.reduce_fx for e in pending}}
-            # Floating values keep their dtype, others come back as float32.
-            targets = [v.dtype if v.is_floating_point() else torch.float32 for v in values]
+            # float32 and float64 values keep their dtype, others come back in the float dtype they are read in.
+            default = _default_float_dtype()
+            targets = [v.dtype if v.dtype in _READ_DTYPES else default for v in values]
             by_dtype = {dtype: {fx: r.to(dtype).unbind(0) for fx, r in reduced.items()} for dtype in set(targets)}
         for column, (entry, dtype) in enumerate(zip(pending, targets)):
             entry.step_value = by_dtype[dtype][entry.reduce_fx][column]
@@ -304,11 +377,19 @@ class MetricCollector:
                 else:
                     gathered_values[entry.name] = (float(totals.sum()), float(weights.sum()))
         for entry in pending:
+            if entry.is_metric:
+                # compute() syncs the Metric's states across ranks: a collective that every rank reaches here,
+                # in the same order, as every rank logged the same names.
+                entry.epoch_value = _metric_value(entry.base, entry.metric, entry.metric.compute(), "compute()")
+                continue
             if entry.name in gathered_values:
                 total, weight = gathered_values[entry.name]
             else:  # float() here, not as a default argument: a GPU total would be fetched twice
                 total, weight = float(entry.total), entry.weight
-            value = total / weight if entry.reduce_fx == "mean" else total
+            if entry.reduce_fx == "mean":  # no samples (empty batches only): NaN, as torch's 0 / 0 gives
+                value = total / weight if weight else math.nan
+            else:
+                value = total
             entry.epoch_value = torch.tensor(value, dtype=torch.float32)
 
     def has_unsynced(self) -> bool:
@@ -330,7 +411,13 @@ class MetricCollector:
         for entry in self.entries.values():
             if not entry.on_step or entry.step_value is None or not entry.step_synced:
                 continue
-            value = entry.step_value.detach()
+            value = entry.step_value
+            if value.requires_grad:  # logged with enable_graph=True
+                value = value.detach()
+            # Converted here, where values are read, not at each self.log: the logging path stays as cheap.
+            # A Metric's values are left as they are, as in Lightning.
+            if value.dtype not in _READ_DTYPES and not entry.is_metric:
+                value = value.to(_default_float_dtype())
             key = entry.step_key()
             if entry.logger:
                 log[key] = value
@@ -358,6 +445,10 @@ class MetricCollector:
             callback[key] = value
             if entry.prog_bar:
                 pbar[key] = float(value)
+        if not self.training:
+            # An evaluation pass reads its epoch values once, here. Lightning resets the Metrics it logged when
+            # the pass ends; the loop resets this collector only when the next pass starts.
+            self._reset_metrics()
         return callback, log, pbar
 
     def epoch_keys_by_dataloader(self) -> dict[str, int | None]:
@@ -365,15 +456,25 @@ class MetricCollector:
         return {e.epoch_key(): e.dataloader_idx for e in self.entries.values() if e.on_epoch and e.logger}
 
     def reset(self) -> None:
-        """Start a new epoch: drop accumulators, keep nothing."""
+        """Start a new epoch: drop accumulators, reset the logged Metrics, keep nothing."""
+        self._reset_metrics()
         self.entries.clear()
         self._validated.clear()
         self._batch = None
         self._batch_size = None
 
+    def _reset_metrics(self) -> None:
+        for entry in self.entries.values():
+            if entry.metric is not None:
+                entry.metric.reset()
+                entry.metric = None  # reset once: it may be updated again before this collector is reset
+
     # ------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Epoch accumulators (a mid-epoch resume reports the same epoch means) and the last step's values."""
+        """Epoch accumulators (a mid-epoch resume reports the same epoch means) and the last step's values.
+
+        Not a logged Metric's: its states are the Metric's own (in the module's state_dict if persistent).
+        """
         return {
             name: {
                 "base": e.base,
@@ -391,6 +492,7 @@ class MetricCollector:
                 "step_value": e.step_value.detach().cpu() if e.step_value is not None and e.step_synced else None,
             }
             for name, e in self.entries.items()
+            if not e.is_metric
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -435,8 +537,8 @@ def _to_scalar_tensor(name: str, value: Any, enable_graph: bool) -> Tensor:
             value = float(value)
         else:
             raise MisconfigurationError(
-                f"self.log({name!r}, value) needs a number or a one-element tensor, got {type(value).__name__}: "
-                f"{value!r:.80}; use self.log_dict for dicts and log each metric separately"
+                f"self.log({name!r}, value) needs a number, a one-element tensor or a torchmetrics Metric, got "
+                f"{type(value).__name__}: {value!r:.80}; use self.log_dict for dicts and log each metric separately"
             )
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -447,6 +549,48 @@ def _to_scalar_tensor(name: str, value: Any, enable_graph: bool) -> Tensor:
         tensor = value if enable_graph else value.detach()
         return tensor.reshape(())
     return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _torchmetrics_metric(name: str, value: Any) -> Any:
+    """``value`` if it is a torchmetrics Metric, else None; raises for a MetricCollection."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if torchmetrics is None:  # not imported, so value cannot be one of its objects
+        return None
+    collection = getattr(torchmetrics, "MetricCollection", None)
+    if collection is not None and isinstance(value, collection):
+        raise MisconfigurationError(
+            f"self.log({name!r}, value) was given a MetricCollection ({', '.join(value.keys())}), which holds several "
+            f"values; log it with self.log_dict(collection), which logs each Metric under its own name"
+        )
+    metric = getattr(torchmetrics, "Metric", None)
+    return value if metric is not None and isinstance(value, metric) else None
+
+
+def metric_collection_items(dictionary: Any) -> Any:
+    """``self.log_dict``'s items: a MetricCollection's Metrics under their prefixed names, else ``.items()``.
+
+    The Metrics of a compute group keep sharing their states (no copy at every call), as in Lightning.
+    """
+    torchmetrics = sys.modules.get("torchmetrics")
+    collection = getattr(torchmetrics, "MetricCollection", None) if torchmetrics is not None else None
+    if collection is not None and isinstance(dictionary, collection):
+        return dictionary.items(keep_base=False, copy_state=False)
+    return dictionary.items()
+
+
+def _metric_value(name: str, metric: Any, value: Any, source: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise MisconfigurationError(
+            f"self.log({name!r}, {type(metric).__name__}): its {source} gave {value!r:.80}, not a one-element tensor; "
+            "log a Metric that computes one number (e.g. with average='macro'), or log its values one by one"
+        )
+    return value.detach()
+
+
+def _default_float_dtype() -> torch.dtype:
+    """Lightning's dtype for logged values: the default float dtype, but no narrower than float32."""
+    dtype = torch.get_default_dtype()
+    return dtype if dtype in _READ_DTYPES else torch.float32
 
 
 def _reduce_rows(gathered: Tensor, reduce_fx: str) -> Tensor:
