@@ -44,8 +44,10 @@ class ModelCheckpoint(Callback):
     ``fit``, or twice at the same ``global_step``.
 
     Args:
-        dirpath: directory for the files; ``None`` uses the trainer's
-            ``default_checkpoint_dir`` (resolved in ``setup``).
+        dirpath: directory for the files, a relative one resolved against the
+            current directory when the callback is built (as in Lightning);
+            ``None`` uses the trainer's ``default_checkpoint_dir`` (resolved in
+            ``setup``).
         filename: template such as ``"{epoch}-{val_loss:.2f}"``; ``None`` means
             ``"{epoch}-{step}"``. With ``auto_insert_metric_name`` each field
             becomes ``name=value`` (``epoch=1-step=20``). A name with ``/`` in
@@ -110,7 +112,9 @@ class ModelCheckpoint(Callback):
         self.save_weights_only = save_weights_only
         self.mode = mode
         self.auto_insert_metric_name = auto_insert_metric_name
-        self.dirpath: str | None = os.fspath(dirpath) if dirpath is not None else None
+        # Resolved here, as Lightning does: on Ray the workers run in a directory of their own, so a relative
+        # path must mean the one the user saw where the callback was built.
+        self.dirpath: str | None = os.path.realpath(os.path.expanduser(dirpath)) if dirpath is not None else None
         self.filename = filename
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._enable_version_counter = enable_version_counter

@@ -118,6 +118,15 @@ def test_default_filename_is_epoch_and_step(tmp_path):
     assert path == os.path.join(str(tmp_path), "epoch=1-step=20.ckpt")
 
 
+def test_a_relative_dirpath_means_the_directory_where_the_callback_was_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = ModelCheckpoint(dirpath="ckpts")
+    monkeypatch.chdir("/")  # a Ray worker runs in a directory of its own
+    expected = os.path.join(os.path.realpath(tmp_path), "ckpts", "epoch=0-step=1.ckpt")
+    assert ckpt.format_checkpoint_name({"epoch": torch.tensor(0), "step": torch.tensor(1)}) == expected
+    assert ModelCheckpoint(dirpath="~/ckpts").dirpath == os.path.realpath(os.path.expanduser("~/ckpts"))
+
+
 def test_filename_format_specs_and_metric_names(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch:02d}-{val_loss:.2f}")
     path = ckpt.format_checkpoint_name({"epoch": torch.tensor(3), "val_loss": torch.tensor(0.123456)})
