@@ -61,6 +61,15 @@ def _resume(args: argparse.Namespace) -> int:
     if not os.path.isfile(spec_path):
         print(f"raylight resume: {run.path} is not a run directory (no spec.json)", file=sys.stderr)
         return 2
+    if run.shown_status() == "running" and not args.force:
+        driver = run.read_status().get("driver") or {}
+        print(
+            f"raylight resume: {run.name} is still running (its driver: pid {driver.get('pid', '?')} on "
+            f"{driver.get('host', '?')}); a second driver would train into the same checkpoints and logs. Stop "
+            "that driver first, or pass --force if it is gone (a host that no longer exists)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with open(spec_path) as f:
             spec = TrainerSpec.from_json(f.read())
@@ -77,9 +86,11 @@ def _resume(args: argparse.Namespace) -> int:
         kwargs["num_workers"] = args.num_workers
     loggers = record.get("loggers") or []
     trainer = Trainer(**kwargs, callbacks=job.callbacks, logger=loggers if loggers else False)
+    # last.ckpt where a ModelCheckpoint keeps one, else the newest checkpoint the run recorded, else the newest
+    # file in its checkpoints/ (a status.json that was lost or damaged).
     checkpoint = run.last_checkpoint if os.path.exists(run.last_checkpoint) else run.read_status().get("last_checkpoint")
-    if checkpoint and not os.path.exists(checkpoint):
-        checkpoint = None
+    if not checkpoint or not os.path.exists(checkpoint):
+        checkpoint = run.newest_checkpoint()
     print(f"resuming {run.name} from {checkpoint or 'the start (no checkpoint was committed)'}", file=sys.stderr)
     # Continue with the dead driver's seeding: PL_GLOBAL_SEED seeds the distributed sampler's shuffle on the
     # workers, and its generators start a run that had committed no checkpoint exactly as it first started.
@@ -205,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run directory: <default_root_dir>/<run_name>")
     resume.add_argument("--address", default=None, help="Ray cluster to run on (default: the run's own setting)")
     resume.add_argument("--num-workers", type=int, default=None, help="worker count (default: the run's own)")
+    resume.add_argument(
+        "--force", action="store_true", help="resume even though status.json says the run's driver is still running"
+    )
     resume.set_defaults(func=_resume)
     return parser
 

@@ -74,11 +74,20 @@ class RunDir:
         return status
 
     def read_status(self) -> dict[str, Any]:
+        """status.json's record; ``{}`` when there is none, ``{"status": "unreadable"}`` when it is damaged."""
         try:
             with open(os.path.join(self.path, "status.json")) as f:
-                return json.load(f)
+                record = json.load(f)
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError):  # empty or cut short (a machine that lost power), or not JSON
+            return {"status": "unreadable"}
+        return record if isinstance(record, dict) else {"status": "unreadable"}
+
+    def newest_checkpoint(self) -> str | None:
+        """The most recently written ``checkpoints/*.ckpt`` (hidden, half-written files excluded)."""
+        candidates = glob.glob(os.path.join(self.checkpoint_dir, "*.ckpt"))
+        return max(candidates, key=os.path.getmtime) if candidates else None
 
 
 def find_last_checkpoint(root: str) -> str | None:

@@ -7,9 +7,11 @@ creates the run directory, and runs the worker-side engine. With
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import cloudpickle
 import torch
@@ -58,9 +60,11 @@ class Trainer:
     ) -> None:
         """Train ``model``; afterwards ``model`` holds the trained weights.
 
-        ``ckpt_path``: a checkpoint path, or ``"last"`` for this run's
-        ``last.ckpt`` (or, with no ``run_name``, the newest one under
-        ``default_root_dir``), to resume exactly where it stopped.
+        ``ckpt_path``: a checkpoint path, or ``"last"`` for the newest of this
+        run's ``last.ckpt`` and the ``last*.ckpt`` in each ModelCheckpoint's
+        own ``dirpath`` (with no ``run_name`` and no such ``dirpath``, the
+        newest run's under ``default_root_dir``), to resume exactly where it
+        stopped; with none, a warning, and training starts from the beginning.
         """
         if self.loggers:
             # Clashing module and datamodule hyperparameters fail here, before anything is scheduled.
@@ -91,24 +95,35 @@ class Trainer:
         self._finish(engine, "finished")
 
     def validate(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None):
-        """Run one validation pass; returns one dict of metrics per dataloader."""
+        """Run one validation pass; returns one dict of metrics per dataloader.
+
+        Without ``model``, the previous fit's model with its best checkpoint's weights (as in Lightning).
+        """
         return self._evaluate(model, dataloaders, ckpt_path, verbose, datamodule, testing=False)
 
     def test(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None):
-        """Run one test pass; returns one dict of metrics per dataloader."""
+        """Run one test pass; returns one dict of metrics per dataloader.
+
+        Without ``model``, the previous fit's model with its best checkpoint's weights (as in Lightning).
+        """
         return self._evaluate(model, dataloaders, ckpt_path, verbose, datamodule, testing=True)
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions: bool = True, ckpt_path=None):
-        """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders)."""
-        model = self._model_or_last(model, "predict")
+        """Predictions in dataset order: a list of batch outputs (a list of such lists for several dataloaders).
+
+        Without ``model``, the previous fit's model with its best checkpoint's weights (as in Lightning).
+        """
+        model, ckpt_path = self._model_and_checkpoint(model, ckpt_path, "predict")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
         if self.spec.num_workers > 0:
-            self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
-            result = self._run_on_ray("predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)
+            with self._stage(create=not os.path.isdir(self.run_dir.path)):
+                result = self._run_on_ray(
+                    "predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule
+                )
             return result["predictions"] if return_predictions else None
         engine = self._new_engine(keep_progress=True)
-        self._start(resume_step=None, create=False)
-        predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
+        with self._stage(create=False):
+            predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
         return predictions if return_predictions else None
 
     # ------------------------------------------------------------- properties
@@ -220,6 +235,15 @@ class Trainer:
         """Write a checkpoint of the last run's state (after fit, or from a callback during it)."""
         if self._engine is None:
             raise RuntimeError("save_checkpoint() needs a model that went through fit/validate/test first")
+        if self.spec.num_workers > 0 and not weights_only:
+            ckpt = self.checkpoint_callback
+            kept = [p for p in ((ckpt.last_model_path, ckpt.best_model_path) if ckpt is not None else ()) if p]
+            raise RuntimeError(
+                f"trainer.save_checkpoint({str(filepath)!r}) after a Ray run: this driver has the trained weights but "
+                "not the optimizer and loop state, which stayed on the workers, so the file could not resume "
+                "training. Pass weights_only=True to save the weights, or resume from the run's own checkpoints"
+                + (f" ({', '.join(dict.fromkeys(kept))})" if kept else "")
+            )
         self._engine.save_checkpoint(filepath, weights_only)
 
     # --------------------------------------------------------------- internals
@@ -249,15 +273,27 @@ class Trainer:
             try:
                 payload = cloudpickle.dumps(job)
             except Exception as err:  # noqa: BLE001 - in-process runs need not be picklable
-                warnings.warn(
-                    f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes "
-                    "on, but `raylight resume` will not be able to finish this run if the driver dies",
-                    stacklevel=3,
-                )
+                self._warn_job_not_saved(err)
                 return None
-        # Pickled here (training changes the module next); signed and written while training starts.
-        self._job_write = write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
+        try:
+            # Pickled here (training changes the module next); signed and written while training starts.
+            self._job_write = write_job(self.run_dir.path, {"job": payload, "loggers": self.loggers})
+        except Exception as err:  # noqa: BLE001 - a logger that cannot be pickled
+            if self.spec.num_workers > 0:
+                raise TypeError(
+                    f"a logger cannot be pickled ({type(err).__name__}: {err}): on Ray the loggers are sent to an "
+                    "actor on this machine that writes what the workers log. Open files, locks and connections in "
+                    "the logger's first log call instead of in __init__"
+                ) from err
+            self._warn_job_not_saved(err)
         return payload
+
+    def _warn_job_not_saved(self, err: Exception) -> None:
+        warnings.warn(
+            f"the job could not be saved to {self.run_dir.path} ({type(err).__name__}: {err}); training goes "
+            "on, but `raylight resume` will not be able to finish this run if the driver dies",
+            stacklevel=4,
+        )
 
     def _wait_for_job_file(self) -> None:
         """Until the job file is on disk; a failed write is a warning (the run itself did not need it)."""
@@ -362,11 +398,19 @@ class Trainer:
     def _finish(self, engine: Engine, status: str) -> None:
         self._wait_for_job_file()
         ckpt = self.checkpoint_callback
+        # Each committed checkpoint was recorded as it was committed (here, or by a Ray run's sink actor): the
+        # newest one is what `raylight resume` continues from, also when no ModelCheckpoint keeps a last.ckpt
+        # and when a failed Ray run never sent its state back (this driver's engine is then still at step 0).
+        recorded = self.run_dir.read_status()
+        progress = (engine.current_epoch, engine.global_step)
+        if engine.global_step < recorded.get("global_step", 0):
+            progress = (recorded["epoch"], recorded["global_step"])
+        last = recorded.get("last_checkpoint") or ((ckpt.last_model_path or None) if ckpt is not None else None)
         self.run_dir.write_status(
             status,
-            epoch=engine.current_epoch,
-            global_step=engine.global_step,
-            last_checkpoint=(ckpt.last_model_path or None) if ckpt is not None else None,
+            epoch=progress[0],
+            global_step=progress[1],
+            last_checkpoint=last,
             best_checkpoint=(ckpt.best_model_path or None) if ckpt is not None else None,
             best_score=(float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None),
         )
@@ -378,6 +422,8 @@ class Trainer:
         path = str(ckpt_path)
         if path == "last":
             path = self._find_last()
+            if path is None:
+                return None, None
         elif path == "best":
             ckpt = self.checkpoint_callback
             if ckpt is None or not ckpt.best_model_path:
@@ -388,44 +434,86 @@ class Trainer:
             path = ckpt.best_model_path
         return path, load_checkpoint(path)
 
-    def _find_last(self) -> str:
-        if os.path.exists(self.run_dir.last_checkpoint):
-            return self.run_dir.last_checkpoint
-        if self.spec.run_name is None:
-            found = find_last_checkpoint(os.path.dirname(self.run_dir.path))
-            if found is not None:
+    def _find_last(self) -> str | None:
+        """For ``ckpt_path="last"``: the newest of this run's ``last.ckpt`` and the ``last*.ckpt`` files in each
+        ModelCheckpoint's own ``dirpath`` (as in Lightning); with neither, no ``run_name`` and no such dirpath,
+        the newest run's ``last.ckpt`` under ``default_root_dir``. None (with a warning) when there is none:
+        a script can always pass "last" and start from the beginning the first time, as with Lightning.
+        """
+        places = [self.run_dir.last_checkpoint]
+        own_dirs = [
+            cb.dirpath
+            for cb in self.checkpoint_callbacks
+            if cb.dirpath and os.path.realpath(cb.dirpath) != os.path.realpath(self.run_dir.checkpoint_dir)
+        ]
+        for directory in own_dirs:
+            places += glob.glob(os.path.join(directory, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*.ckpt"))
+        found = [path for path in places if os.path.isfile(path)]
+        if found:
+            return max(found, key=os.path.getmtime)
+        if self.spec.run_name is None and not own_dirs:
+            newest = find_last_checkpoint(os.path.dirname(self.run_dir.path))
+            if newest is not None:
                 # Continue in the run that wrote it, so its logs and checkpoints stay together.
-                self.run_dir = RunDir(os.path.dirname(os.path.dirname(found)))
-                return found
-        raise FileNotFoundError(
-            f'ckpt_path="last": no last.ckpt in {self.run_dir.checkpoint_dir}'
-            + ("" if self.spec.run_name else f" nor in any run under {os.path.dirname(self.run_dir.path)}")
-            + "; start without ckpt_path, or pass the path of a checkpoint"
+                self.run_dir = RunDir(os.path.dirname(os.path.dirname(newest)))
+                return newest
+        searched = [self.run_dir.checkpoint_dir, *own_dirs]
+        if self.spec.run_name is None and not own_dirs:
+            searched.append(f"any run under {os.path.dirname(self.run_dir.path)}")
+        warnings.warn(
+            f'ckpt_path="last": no last checkpoint in {", ".join(searched)}, so none is loaded (fit starts from '
+            "the beginning; validate, test and predict use the model's weights as they are). "
+            "ModelCheckpoint(save_last=True) keeps one",
+            stacklevel=4,
         )
+        return None
 
-    def _model_or_last(self, model, stage: str):
+    def _model_and_checkpoint(self, model, ckpt_path: str | None, stage: str) -> tuple[Any, str | None]:
+        """The model to run ``stage`` on, and the checkpoint to load into it.
+
+        As in Lightning, a call without a model takes the previous call's, with the best checkpoint's
+        weights unless ``ckpt_path`` says otherwise (warning that it does so).
+        """
         if model is not None:
-            return model
-        if self._engine is not None and self._engine.lightning_module is not None:
-            return self._engine.lightning_module
-        raise ValueError(f"trainer.{stage}() needs a model: pass it as the first argument")
+            return model, ckpt_path
+        if self._engine is None or self._engine.lightning_module is None:
+            raise ValueError(f"trainer.{stage}() needs a model: pass it as the first argument")
+        if ckpt_path is None:
+            warnings.warn(
+                f"trainer.{stage}() was called without a model: it runs the previous fit's model with the weights "
+                f"of its best checkpoint (as Lightning does). Pass ckpt_path='best', 'last' or a path to choose "
+                "(and silence this warning), or pass the model to use its weights as they are",
+                stacklevel=3 if stage == "predict" else 4,
+            )
+            ckpt_path = "best"
+        return self._engine.lightning_module, ckpt_path
+
+    @contextmanager
+    def _stage(self, create: bool) -> Iterator[None]:
+        """A validate/test/predict call: a run directory made for it alone ends with the call's status."""
+        self._start(resume_step=None, create=create)
+        try:
+            yield
+        except BaseException as err:
+            if create:
+                self.run_dir.write_status("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+            raise
+        if create:
+            self.run_dir.write_status("finished")
 
     def _evaluate(self, model, dataloaders, ckpt_path, verbose, datamodule, testing: bool):
-        model = self._model_or_last(model, "test" if testing else "validate")
+        model, ckpt_path = self._model_and_checkpoint(model, ckpt_path, "test" if testing else "validate")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
+        create = not os.path.isdir(self.run_dir.path)
         if self.spec.num_workers > 0:
-            self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
             stage = "test" if testing else "validate"
-            results = self._run_on_ray(stage, model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)[
-                "results"
-            ]
-            if verbose:
-                _print_results(results, "Test" if testing else "Validate")
-            return results
-        engine = self._new_engine(keep_progress=True)
-        self._start(resume_step=None, create=not os.path.isdir(self.run_dir.path))
-        run = engine.test if testing else engine.validate
-        results = run(model, dataloaders, datamodule, checkpoint, path)
+            with self._stage(create):
+                result = self._run_on_ray(stage, model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)
+            results = result["results"]
+        else:
+            engine = self._new_engine(keep_progress=True)
+            with self._stage(create):
+                results = (engine.test if testing else engine.validate)(model, dataloaders, datamodule, checkpoint, path)
         if verbose:
             _print_results(results, "Test" if testing else "Validate")
         return results

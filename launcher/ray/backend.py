@@ -188,7 +188,7 @@ def run_job(
     except BaseException as err:
         if progress is not None:
             progress.stop()
-        _remove_unfinished(sink)
+        _remove_unfinished(sink, finalize="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         ray.kill(sink, no_restart=True)
         if isinstance(err, ray.train.TrainingFailedError):
             raise _worker_error(err) from None
@@ -208,11 +208,17 @@ def run_job(
     return result
 
 
-def _remove_unfinished(sink: Any) -> None:
-    """Remove the hidden files of workers killed mid-write (in the last attempt) from the driver's directory."""
+def _remove_unfinished(sink: Any, finalize: str | None = None) -> None:
+    """Remove the hidden files of workers killed mid-write (in the last attempt) from the driver's directory.
+
+    ``finalize``: the status of a run that failed or was interrupted. Its sink's loggers first write out the
+    rows they hold (after a good run rank 0 finalizes them; here it is gone).
+    """
     import ray
 
     try:
+        if finalize is not None:
+            ray.get(sink.finalize.remote(finalize), timeout=30)
         ray.get(sink.remove_unfinished.remote(), timeout=30)
     except ray.exceptions.RayError:  # its own errors and the timeout
         pass  # best effort, on the way out of a run that may have failed for this very reason

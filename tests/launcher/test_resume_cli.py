@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,97 @@ def test_resume_refuses_a_checkpoint_carrying_a_pickle_payload_without_running_i
     assert str(last) in refused.stderr and "weights_only" in refused.stderr, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1].startswith("raylight resume: refused to load checkpoint")
     assert not marker.exists(), "the checkpoint's pickle payload must never run"
+
+
+FAILING_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from launcher import Trainer
+    from runtime import LightningModule, ModelCheckpoint, seed_everything
+
+    class FailsAtStep5(LightningModule):
+        '''Raises at global_step 5 while the marker file exists (the resumed run trains on).'''
+
+        def __init__(self, marker: str):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5 and os.path.exists(self.hparams.marker):
+                raise RuntimeError("the step-5 failure")
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    root, name, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+    seed_everything(5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+    trainer = Trainer(
+        max_epochs=3, default_root_dir=root, run_name=name, logger=False, enable_progress_bar=False,
+        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)],  # no last.ckpt
+    )
+    trainer.fit(FailsAtStep5(marker), data)
+    """
+)
+
+
+def test_a_failed_run_without_last_ckpt_resumes_from_its_newest_checkpoint(tmp_path, env):
+    script = tmp_path / "train.py"
+    script.write_text(FAILING_SCRIPT)
+    marker = tmp_path / "fail"
+    reference = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "reference", str(marker)], capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    marker.touch()
+    failed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "failed", str(marker)], capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+    assert failed.returncode != 0 and "the step-5 failure" in failed.stderr
+    run = tmp_path / "failed"
+    status = json.loads((run / "status.json").read_text())
+    newest = str(run / "checkpoints" / "epoch=0-step=4.ckpt")
+    assert (status["status"], status["global_step"], status["last_checkpoint"]) == ("failed", 5, newest)
+
+    marker.unlink()
+    resumed = _resume(run, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from {newest}" in resumed.stderr
+    assert "finished at epoch 3, step 18" in resumed.stdout
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / "epoch=2-step=18.ckpt", weights_only=True)
+    final = torch.load(run / "checkpoints" / "epoch=2-step=18.ckpt", weights_only=True)
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
+
+    # With status.json lost as well, the newest file in checkpoints/ is where it resumes.
+    (run / "status.json").unlink()
+    again = _resume(run, env)
+    assert again.returncode == 0 and f"from {run / 'checkpoints' / 'epoch=2-step=18.ckpt'}" in again.stderr
+
+
+def test_resume_refuses_a_run_whose_driver_is_still_running(tmp_path, env):
+    _finished_run(tmp_path, env)
+    status_file = tmp_path / "run" / "status.json"
+    status = json.loads(status_file.read_text())
+    # This test's own process stands in for a live driver on this host.
+    status.update(status="running", driver={"host": socket.gethostname(), "pid": os.getpid()})
+    status_file.write_text(json.dumps(status))
+    refused = _resume(tmp_path / "run", env)
+    assert refused.returncode == 2
+    assert f"pid {os.getpid()}" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    assert json.loads(status_file.read_text())["status"] == "running", "nothing ran"
+
+    forced = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "resume", "--force", str(tmp_path / "run")], capture_output=True,
+        text=True, env=env, timeout=300,
+    )
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert json.loads(status_file.read_text())["status"] == "finished"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from launcher import CSVLogger, TensorBoardLogger, Trainer
 from launcher.spec import SpecError
 from runtime import LightningModule, seed_everything
+from runtime.sinks import MetricsSink
 
 
 class Regressor(LightningModule):
@@ -179,6 +181,15 @@ def test_raylight_ls_lists_runs(tmp_path):
     header, row = out.strip().splitlines()
     assert header.split()[:4] == ["RUN", "STATUS", "EPOCH", "STEP"]
     assert row.split()[:4] == ["one", "finished", "1", "5"]
+    # A run whose status.json was cut short (a machine that lost power) is listed as such, with the others.
+    damaged = tmp_path / "two"
+    damaged.mkdir()
+    (damaged / "spec.json").write_text((tmp_path / "one" / "spec.json").read_text())
+    (damaged / "status.json").write_text('{"status": "runn')
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "ls", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert [line.split()[:2] for line in out.strip().splitlines()[1:]] == [["one", "finished"], ["two", "unreadable"]]
     bad = subprocess.run([sys.executable, "-m", "launcher.cli", "ls", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode != 0 and "no such directory" in bad.stderr
 
@@ -292,3 +303,54 @@ def test_a_job_file_that_cannot_be_written_is_a_warning_and_the_fit_completes(tm
     assert not torch.equal(model.state_dict()["net.0.weight"], before)
     assert not (run / JOB_FILE).exists()
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+class _LockedLogger(MetricsSink):
+    """A custom logger holding what cannot be pickled (a lock, as a client or an open file would)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.rows: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params):
+        pass
+
+    def finalize(self, status):
+        pass
+
+
+def test_a_logger_that_cannot_be_pickled_is_a_warning_in_process_and_the_fit_completes(tmp_path):
+    logger = _LockedLogger()
+    trainer = Trainer(max_epochs=1, default_root_dir=str(tmp_path), run_name="locked", logger=logger,
+                      log_every_n_steps=1, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=r"the job could not be saved .*lock.*raylight resume"):
+        trainer.fit(Regressor(), *_loaders())
+    assert [step for step, row in logger.rows if "train_loss_step" in row] == [0, 1, 2, 3, 4]
+    assert json.loads((tmp_path / "locked" / "status.json").read_text())["status"] == "finished"
+
+
+class _Evaluated(Regressor):
+    test_step = Regressor.validation_step
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_a_run_directory_made_by_an_evaluation_alone_ends_with_its_status(tmp_path, stage):
+    trainer = Trainer(default_root_dir=str(tmp_path), run_name="alone", logger=False, enable_progress_bar=False)
+    _, loader = _loaders()
+    getattr(trainer, stage)(_Evaluated(), loader, verbose=False)
+    assert json.loads((tmp_path / "alone" / "status.json").read_text())["status"] == "finished"
+
+    class Broken(_Evaluated):
+        def validation_step(self, batch, batch_idx):
+            raise ValueError("broken step")
+
+        test_step = validation_step
+
+    failing = Trainer(default_root_dir=str(tmp_path), run_name=f"broken-{stage}", logger=False,
+                      enable_progress_bar=False)
+    with pytest.raises(ValueError, match="broken step"):
+        getattr(failing, stage)(Broken(), loader, verbose=False)
+    assert json.loads((tmp_path / f"broken-{stage}" / "status.json").read_text())["status"] == "failed"

@@ -171,3 +171,55 @@ def test_predict_limit_batches(tmp_path):
         trainer_args=dict(limit_predict_batches=3),
     )
     _assert_same_predictions(pl_run.result, rl_run.result)
+
+
+
+def _fit_then(side, root, model, **trainer_args):
+    """A 3-epoch fit keeping the best validation checkpoint and last.ckpt in ``root/ckpts``."""
+    ckpt = side.ModelCheckpoint(dirpath=str(root / "ckpts"), monitor="val_loss", save_top_k=1, save_last=True)
+    args = dict(max_epochs=3, num_sanity_val_steps=0, enable_checkpointing=True, callbacks=[ckpt], **trainer_args)
+    trainer = side.trainer(str(root), **args)
+    torch.manual_seed(1)
+    trainer.fit(model, train_dataloaders=loader(), val_dataloaders=loader(n=10, seed=99))
+    return trainer, ckpt
+
+
+def test_evaluating_without_a_model_after_fit_uses_the_best_checkpoint(tmp_path):
+    results = {}
+    for side, model in zip(SIDES, build_pair(Regressor, lr=0.5)):
+        trainer, ckpt = _fit_then(side, tmp_path / side.name, model)
+        assert ckpt.best_model_path != ckpt.last_model_path
+        (results[side.name + " as is"],) = trainer.test(model, dataloaders=loader(n=10, seed=7), verbose=False)
+        with pytest.warns(UserWarning, match="best"):
+            (results[side.name],) = trainer.test(dataloaders=loader(n=10, seed=7), verbose=False)
+    assert_same_metrics(results["lightning"], results["raylight"], "test() without a model")
+    assert results["raylight"] != results["raylight as is"], "the best checkpoint's weights, not the final ones"
+
+
+def test_ckpt_path_last_is_the_checkpoint_callbacks_own_last_file(tmp_path):
+    root = tmp_path / "root"
+    for side, model in zip(SIDES, build_pair(Regressor, lr=0.1, seed=5)):
+        # A run under ``root`` with its own last.ckpt (raylight's default callback keeps one in its run directory).
+        side.trainer(str(root / side.name), max_epochs=1, enable_checkpointing=True).fit(model, loader())
+    results = {}
+    for side, model in zip(SIDES, build_pair(Regressor, lr=0.5)):
+        _, ckpt = _fit_then(side, tmp_path / side.name, model)
+        own = side.ModelCheckpoint(dirpath=str(tmp_path / side.name / "ckpts"))
+        fresh = side.trainer(str(root / side.name), enable_checkpointing=True, callbacks=[own])
+        (results[side.name],) = fresh.test(model, dataloaders=loader(n=10, seed=7), ckpt_path="last", verbose=False)
+        expected = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items()), side.name
+    assert_same_metrics(results["lightning"], results["raylight"], 'test(ckpt_path="last")')
+
+
+def test_fit_with_ckpt_path_last_and_no_checkpoint_yet_starts_from_the_beginning(tmp_path):
+    models = build_pair(Regressor, lr=0.5)
+    for side, model in zip(SIDES, models):
+        ckpt = side.ModelCheckpoint(dirpath=str(tmp_path / side.name / "ckpts"), save_last=True)
+        trainer = side.trainer(str(tmp_path / side.name), max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+        torch.manual_seed(1)
+        with pytest.warns(UserWarning, match="last"):
+            trainer.fit(model, train_dataloaders=loader(), ckpt_path="last")
+        assert trainer.global_step == 12
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from launcher import Trainer
-    from runtime import LightningModule
+    from launcher import CSVLogger, Trainer
+    from runtime import LightningModule, ModelCheckpoint
 
     root, address, shared = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 
@@ -34,13 +35,16 @@ SCRIPT = textwrap.dedent(
             (shared / f"pid-{self.global_rank}").write_text(str(os.getpid()))
             (shared / "steps").open("a").write(f"{self.global_step}\\n")
             time.sleep(0.5)
-            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     data = DataLoader(TensorDataset(torch.randn(400, 4), torch.randn(400, 1)), batch_size=2)
     trainer = Trainer(max_epochs=1, num_workers=2, address=address, default_root_dir=root, run_name="interrupted",
-                      enable_progress_bar=False)
+                      enable_progress_bar=False, logger=CSVLogger(), log_every_n_steps=1,
+                      callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)])
     try:
         trainer.fit(Slow(), data)
     except KeyboardInterrupt:
@@ -77,7 +81,7 @@ def test_ctrl_c_on_the_driver_stops_the_workers_and_marks_the_run_interrupted(ra
     )
     try:
         deadline = time.time() + 180
-        while not ((shared / "steps").exists() and len((shared / "steps").read_text().split()) >= 6):
+        while not ((shared / "steps").exists() and len((shared / "steps").read_text().split()) >= 12):
             assert driver.poll() is None, driver.communicate()[1][-3000:]
             assert time.time() < deadline, "training never started"
             time.sleep(0.5)
@@ -105,8 +109,19 @@ def test_ctrl_c_on_the_driver_stops_the_workers_and_marks_the_run_interrupted(ra
     print(f"\nFAULT ctrl-c: workers gone {stopped_after:.1f} s after SIGINT, driver alive, status interrupted")
     assert driver.returncode == 130, f"exit code {driver.returncode}\n{out}\n{err[-3000:]}"
     assert "caught KeyboardInterrupt" in out
-    status = json.loads((tmp_path / "runs" / "interrupted" / "status.json").read_text())
+    run = tmp_path / "runs" / "interrupted"
+    status = json.loads((run / "status.json").read_text())
     assert status["status"] == "interrupted"
+    # The newest committed checkpoint stays recorded (`raylight resume` continues from it), with its progress,
+    # although the workers never sent their state back.
+    assert status["global_step"] >= 2 and status["global_step"] % 2 == 0, status
+    assert status["last_checkpoint"] == str(run / "checkpoints" / f"epoch=0-step={status['global_step']}.ckpt")
+    assert os.path.exists(status["last_checkpoint"])
+    # The rows logged up to the interruption are in metrics.csv, not only those flushed with the last checkpoint
+    # (which end at the row before the checkpoint's step).
+    with open(run / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
+    assert steps == list(range(len(steps))) and steps[-1] >= status["global_step"] - 1, (steps, status)
     steps_at_stop = len((shared / "steps").read_text().split())
     time.sleep(2)
     assert len((shared / "steps").read_text().split()) == steps_at_stop, "training went on after Ctrl-C"

@@ -256,6 +256,19 @@ def test_checkpoints_are_on_the_driver_and_hold_the_final_weights(fitted):
     assert best == min(val_losses, key=val_losses.get)
 
 
+def test_save_checkpoint_after_a_ray_run_saves_the_weights_and_refuses_a_checkpoint_that_cannot_resume(
+    fitted, tmp_path
+):
+    trainer = fitted["trainer"]
+    with pytest.raises(RuntimeError, match=r"optimizer and loop state.*weights_only=True.*last\.ckpt"):
+        trainer.save_checkpoint(tmp_path / "full.ckpt")
+    assert not (tmp_path / "full.ckpt").exists()
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "weights.ckpt", weights_only=True)["state_dict"]
+    for key, value in fitted["after_fit"]["weights"].items():
+        assert torch.equal(saved[key], value), key
+
+
 def test_validate_and_test_after_fit_return_one_dict_per_dataloader(fitted):
     model = fitted["model"]
     x, y = fitted["val"].tensors
@@ -399,8 +412,9 @@ def test_resume_mid_epoch_equals_uninterrupted(resumed):
     _assert_same_run(resumed["from_mid"], resumed["full"], f"resumed from step {RESUME_EVERY}, mid epoch 0")
 
 
-def test_one_worker_run_reproduces_the_in_process_run(ray_cluster, tmp_path):
+def test_one_worker_run_reproduces_the_in_process_run(ray_cluster, tmp_path, monkeypatch):
     # seed_everything() on the driver governs the workers: shuffling and dropout draw from the driver's generators.
+    monkeypatch.chdir(tmp_path)  # a relative ModelCheckpoint dirpath means this directory, on Ray too
     states = {}
     for workers in (0, 1):
         seed_everything(RESUME_SEED, verbose=False)
@@ -408,10 +422,13 @@ def test_one_worker_run_reproduces_the_in_process_run(ray_cluster, tmp_path):
         ray_args = dict(address=ray_cluster) if workers else {}
         trainer = Trainer(
             num_workers=workers, **ray_args, default_root_dir=str(tmp_path), run_name=f"workers-{workers}",
-            max_epochs=1, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+            max_epochs=1, enable_progress_bar=False, logger=False,
+            callbacks=[ModelCheckpoint(dirpath=f"relative-{workers}")],
         )
         trainer.fit(model, DataLoader(_resume_data(), batch_size=RESUME_BATCH, shuffle=True))  # 10 steps
         states[workers] = _state(model)
+        saved = torch.load(tmp_path / f"relative-{workers}" / "epoch=0-step=10.ckpt", weights_only=True)
+        assert all(torch.equal(saved["state_dict"][key], value) for key, value in states[workers].items())
     assert states[1].keys() == states[0].keys()
     for key, value in states[0].items():
         assert torch.equal(states[1][key], value), key

@@ -464,21 +464,22 @@ def test_fit_refuses_pickled_payload_without_running_it(tmp_path):
         assert torch.equal(value, before[key]), key
 
 
-def test_fit_ckpt_path_last_without_any_checkpoint_names_the_directory(tmp_path):
-    with pytest.raises(FileNotFoundError) as excinfo:
-        _trainer(tmp_path).fit(Net(), _loader(), ckpt_path="last")
-    msg = _message(excinfo)
-    assert "last.ckpt" in msg
-    assert str(tmp_path) in msg
-    assert "start without ckpt_path" in msg
+def test_fit_ckpt_path_last_without_any_checkpoint_warns_naming_the_directory_and_starts_fresh(tmp_path):
+    # As in Lightning: a script may always pass "last"; the first run starts from the beginning.
+    trainer = _trainer(tmp_path)
+    with pytest.warns(UserWarning, match="no last checkpoint") as record:
+        trainer.fit(Net(), _loader(), ckpt_path="last")
+    msg = str(record[0].message)
+    assert str(tmp_path) in msg and "none is loaded" in msg and "save_last=True" in msg
+    assert trainer.global_step > 0
 
 
 def test_fit_ckpt_path_last_with_run_name_names_the_run_checkpoint_directory(tmp_path):
-    with pytest.raises(FileNotFoundError) as excinfo:
-        _trainer(tmp_path, run_name="exp1").fit(Net(), _loader(), ckpt_path="last")
-    msg = _message(excinfo)
-    assert os.path.join(str(tmp_path), "exp1", "checkpoints") in msg
-    assert "start without ckpt_path" in msg
+    trainer = _trainer(tmp_path, run_name="exp1")
+    with pytest.warns(UserWarning, match="no last checkpoint") as record:
+        trainer.fit(Net(), _loader(), ckpt_path="last")
+    assert os.path.join(str(tmp_path), "exp1", "checkpoints") in str(record[0].message)
+    assert "any run under" not in str(record[0].message)
 
 
 # ----------------------------------------------------------------- non-finite loss
