@@ -200,13 +200,22 @@ class ModelCheckpoint(Callback):
         if not self.saves_after_step(trainer.global_step):
             return
         candidates = self._monitor_candidates(trainer)
-        if self.monitor is not None and self.monitor not in candidates:
+        if self.monitor is not None and (self.monitor not in candidates or self._validation_follows(trainer, batch_idx)):
+            # Not logged yet, or about to be replaced by the validation that follows this batch (the previous
+            # one's value would rank this checkpoint): save after that validation, as Lightning does.
             self._defer_save_until_validation = True
             return
         if self._should_skip_saving_checkpoint(trainer):
             return
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def _validation_follows(self, trainer, batch_idx: int) -> bool:
+        """Whether this is the epoch's last batch, a validation runs after it, and this callback saves after that."""
+        if batch_idx + 1 < trainer.num_training_batches or self._should_save_on_train_epoch_end(trainer):
+            return False
+        every = trainer.check_val_every_n_epoch
+        return sum(trainer.num_val_batches) > 0 and (every is None or (trainer.current_epoch + 1) % every == 0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """Save every ``every_n_epochs`` epochs when saving at train-epoch end."""

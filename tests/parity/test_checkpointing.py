@@ -214,14 +214,38 @@ CKPT_CASES = {
 }
 
 
+# Step schedules whose save falls on an epoch's last batch with a validation right after it: the save waits for
+# that validation's value (ranking by the previous one's would keep a different set of files).
+CKPT_STEP_CASES_BEFORE_VALIDATION = {
+    "every-2-steps-val-twice-per-epoch": (dict(every_n_train_steps=2), dict(val_check_interval=0.5, max_epochs=4)),
+    "every-4-steps-val-every-2-epochs": (dict(every_n_train_steps=4), dict(check_val_every_n_epoch=2)),
+}
+
+
 @pytest.mark.parametrize("case", list(CKPT_CASES))
 def test_model_checkpoint(tmp_path, case):
+    _assert_model_checkpoint_parity(tmp_path, CKPT_CASES[case], {})
+
+
+@pytest.mark.parametrize("case", list(CKPT_STEP_CASES_BEFORE_VALIDATION))
+def test_model_checkpoint_on_a_step_schedule_before_validation(tmp_path, case):
+    ckpt_args, trainer_args = CKPT_STEP_CASES_BEFORE_VALIDATION[case]
+    _assert_model_checkpoint_parity(
+        tmp_path, dict(monitor="val_score", save_top_k=2, **ckpt_args), trainer_args, per_validation=True
+    )
+
+
+def _assert_model_checkpoint_parity(tmp_path, ckpt_args, trainer_args, per_validation=False):
     pl_run, rl_run = run_both(
         Scripted,
         tmp_path=tmp_path,
+        init_args={"per_validation": per_validation},
         data=_train_val,
-        trainer_args=dict(max_epochs=6, num_sanity_val_steps=0, limit_train_batches=2, enable_checkpointing=True),
-        callbacks=lambda side: [side.ModelCheckpoint(dirpath=str(tmp_path / side.name / "ckpts"), **CKPT_CASES[case])],
+        trainer_args={
+            **dict(max_epochs=6, num_sanity_val_steps=0, limit_train_batches=2, enable_checkpointing=True),
+            **trainer_args,
+        },
+        callbacks=lambda side: [side.ModelCheckpoint(dirpath=str(tmp_path / side.name / "ckpts"), **ckpt_args)],
     )
     assert_fit_parity(pl_run, rl_run)
     pl_cb, rl_cb = pl_run.callbacks[0], rl_run.callbacks[0]
