@@ -181,7 +181,7 @@ class MetricCollector:
     def __init__(self, gather: Callable[[Tensor], Tensor] | None, training: bool):
         self._gather = gather
         self.training = training
-        self.entries: dict[str, _Entry] = {}
+        self.entries: dict[tuple[str | None, str], _Entry] = {}  # by (hook, key)
         self.current_fx: str | None = None
         self.dataloader_idx: int | None = None
         self.num_dataloaders = 1
@@ -250,7 +250,10 @@ class MetricCollector:
         if add_dataloader_idx and self.dataloader_idx is not None and self.num_dataloaders > 1:
             suffix = f"/dataloader_idx_{self.dataloader_idx}"
         key = name + suffix
-        entry = self.entries.get(key)
+        # One entry per hook and name, as in Lightning: a name logged from two hooks (per step in training_step,
+        # once more in on_train_epoch_end) keeps two sets of values, and the hook that logged it last in the
+        # loop gives the value that is read.
+        entry = self.entries.get((fx, key))
         # A Metric syncs its own states across ranks in compute(); sync_dist and reduce_fx do not apply to it.
         sync = sync_dist and not rank_zero_only and self._gather is not None and metric is None
         if entry is None:
@@ -268,10 +271,10 @@ class MetricCollector:
                 total=_initial_total(reduce_fx),
                 is_metric=metric is not None,
             )
-            self.entries[key] = entry
+            self.entries[(fx, key)] = entry
         elif (entry.on_step, entry.on_epoch, entry.reduce_fx) != (on_step, on_epoch, reduce_fx):
             raise MisconfigurationError(
-                f"self.log({name!r}) was called with different options in the same loop (on_step/on_epoch/"
+                f"self.log({name!r}) was called with different options in {fx} (on_step/on_epoch/"
                 f"reduce_fx were {entry.on_step}/{entry.on_epoch}/{entry.reduce_fx!r}, now "
                 f"{on_step}/{on_epoch}/{reduce_fx!r}); use one set of options per metric name"
             )
@@ -476,7 +479,9 @@ class MetricCollector:
         Not a logged Metric's: its states are the Metric's own (in the module's state_dict if persistent).
         """
         return {
-            name: {
+            f"{fx}.{e.name}": {
+                "fx": fx,
+                "name": e.name,
                 "base": e.base,
                 "suffix": e.suffix,
                 "on_step": e.on_step,
@@ -491,15 +496,16 @@ class MetricCollector:
                 # the step's value, so a resume from on_train_batch_end can still log that step's row
                 "step_value": e.step_value.detach().cpu() if e.step_value is not None and e.step_synced else None,
             }
-            for name, e in self.entries.items()
+            for (fx, _), e in self.entries.items()
             if not e.is_metric
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._validated.clear()
+        # Checkpoints from before entries were kept per hook name only the metric; training_step logs most.
         self.entries = {
-            name: _Entry(
-                name,
+            (s.get("fx", "training_step"), s.get("name", name)): _Entry(
+                s.get("name", name),
                 s.get("base", name),
                 s.get("suffix", ""),
                 None,

@@ -258,3 +258,40 @@ def test_learning_rate_monitor_rows(tmp_path, logging_interval, interval):
     assert {k: [round(v, 9) for v in vs] for k, vs in rl_run.callbacks[0].lrs.items()} == {
         k: [round(v, 9) for v in vs] for k, vs in pl_run.callbacks[0].lrs.items()
     }
+
+
+class SameNameTwoHooks(Regressor):
+    """One name from two hooks: Lightning keeps each hook's values apart; the hook that logged it last is read."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("acc", float(batch_idx))  # per step
+        return loss
+
+    def on_train_epoch_end(self):
+        self.log("acc", 42.0 + self.current_epoch)  # once per epoch, other options: not an error
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("v", float(batch_idx))
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        self.log("v", 10.0 + batch_idx)  # same options as validation_step's: not pooled with it
+
+
+def test_one_name_logged_from_two_hooks(tmp_path):
+    pl_run, rl_run = run_both(
+        SameNameTwoHooks,
+        tmp_path=tmp_path,
+        data=lambda: {"train_dataloaders": loader(n=22), "val_dataloaders": loader(n=10, seed=99)},
+        trainer_args=dict(max_epochs=2, num_sanity_val_steps=0),
+        with_logger=True,
+    )
+    assert_fit_parity(pl_run, rl_run, logged=True)
+    assert as_float(rl_run.trainer.callback_metrics["acc"]) == 43.0
+    assert as_float(rl_run.trainer.callback_metrics["v"]) == pytest.approx(10.8)
+    strip = lambda rows: [(step, {k: v for k, v in row.items() if k != "epoch"}) for step, row in rows]  # noqa: E731
+    expected, actual = strip(pl_run.logger.rows), strip(rl_run.logger.rows)
+    assert [(s, sorted(r)) for s, r in actual] == [(s, sorted(r)) for s, r in expected]
+    for (step, exp), (_, act) in zip(expected, actual):
+        assert_same_metrics(exp, act, f"logger row at step {step}")

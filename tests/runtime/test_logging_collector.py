@@ -193,3 +193,39 @@ def test_metric_epoch_values_are_computed_over_both_ranks(tmp_path):
         assert result["update_counts"] == [0, 0], f"rank {rank}: the Metrics were not reset"
     epoch_rows = [row for _, row in ranks[0]["rows"] if "idx_sum_epoch" in row or "idx_mean" in row]
     assert [row.get("idx_sum_epoch", row.get("idx_mean")) for row in epoch_rows] == [4.5, 45.0, 4.5, 45.0]
+
+
+# --------------------------------------------------------------------------- one name, two hooks
+def _log(collector, fx, name, value, **options):
+    collector.current_fx = fx
+    args = dict(prog_bar=False, logger=True, on_step=None, on_epoch=None, reduce_fx="mean", enable_graph=False,
+                sync_dist=False, add_dataloader_idx=True, batch_size=1, rank_zero_only=False)
+    collector.log(name, torch.tensor(value), **{**args, **options})
+
+
+def test_one_name_from_two_hooks_keeps_two_sets_of_values_through_a_checkpoint():
+    from runtime.logging.collector import MetricCollector
+
+    collector = MetricCollector(None, training=True)
+    collector.new_batch(torch.zeros(1))
+    for value in (1.0, 3.0):
+        _log(collector, "training_step", "acc", value, on_epoch=True)
+    _log(collector, "on_train_batch_end", "acc", 10.0, on_epoch=True)
+    restored = MetricCollector(None, training=True)
+    restored.load_state_dict(collector.state_dict())
+    restored.compute_epoch()
+    callback, _, _ = restored.epoch_metrics()
+    assert float(callback["acc_epoch"]) == 10.0, "the hook that logged it last is read, as in Lightning"
+    assert {fx for fx, _ in restored.entries} == {"training_step", "on_train_batch_end"}
+    assert [e.weight for e in restored.entries.values()] == [2.0, 1.0]
+
+
+def test_one_name_with_other_options_in_the_same_hook_is_refused_naming_the_hook():
+    from runtime.logging.collector import MetricCollector
+
+    collector = MetricCollector(None, training=True)
+    collector.new_batch(torch.zeros(1))
+    _log(collector, "training_step", "acc", 1.0)
+    with pytest.raises(MisconfigurationError, match=r"self.log\('acc'\) was called with different options in "
+                                                    r"training_step"):
+        _log(collector, "training_step", "acc", 1.0, on_epoch=True)
