@@ -267,10 +267,27 @@ class LightningModule(nn.Module):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip the gradients of ``optimizer``'s parameters by norm (default) or by value."""
+        """Clip the gradients of ``optimizer``'s parameters by norm (default) or by value.
+
+        An argument left out is the Trainer's (``gradient_clip_val``, ``gradient_clip_algorithm``), as in
+        Lightning: an override of ``configure_gradient_clipping`` may call ``self.clip_gradients(optimizer)``.
+        """
+        trainer = self._trainer
+        trainer_val = getattr(trainer, "gradient_clip_val", None)
+        trainer_algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        for name, given, configured in (
+            ("gradient_clip_val", gradient_clip_val, trainer_val),
+            ("gradient_clip_algorithm", gradient_clip_algorithm, trainer_algorithm),
+        ):
+            if given is not None and configured is not None and given != configured:
+                raise MisconfigurationError(
+                    f"clip_gradients({name}={given!r}) disagrees with Trainer({name}={configured!r}); set it in "
+                    "one place: the Trainer's value is what clip_gradients uses when the argument is left out"
+                )
+        gradient_clip_val = trainer_val if gradient_clip_val is None else gradient_clip_val
         if gradient_clip_val is None or gradient_clip_val == 0:
             return
-        algorithm = gradient_clip_algorithm or "norm"
+        algorithm = gradient_clip_algorithm or trainer_algorithm or "norm"
         optimizer = getattr(optimizer, "optimizer", optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if algorithm == "norm":

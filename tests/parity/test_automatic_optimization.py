@@ -6,8 +6,9 @@ import lightning.pytorch as pl
 import pytest
 
 import runtime
+from runtime.errors import MisconfigurationError
 from tests.parity.bodies import DropoutRegressor, Regressor
-from tests.parity.harness import PL, assert_fit_parity, loader, run_both
+from tests.parity.harness import PL, RL, assert_fit_parity, loader, module_class, run_both
 
 
 def test_accumulate_grad_batches_with_epoch_not_divisible(tmp_path):
@@ -136,6 +137,36 @@ def test_overridden_optimization_hooks(tmp_path, body):
         body, tmp_path=tmp_path, init_args={"lr": 0.5}, trainer_args=dict(max_epochs=2, accumulate_grad_batches=2)
     )
     assert_fit_parity(pl_run, rl_run)
+
+
+class ClipsWithTheTrainersSettings(Regressor):
+    """The common override: a condition, then self.clip_gradients(optimizer) with the Trainer's value and algorithm."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.global_step % 2 == 0:
+            self.clip_gradients(optimizer)
+
+
+@pytest.mark.parametrize("algorithm, value", [("norm", 0.05), ("value", 0.01)])
+def test_clip_gradients_without_arguments_uses_the_trainers_settings(tmp_path, algorithm, value):
+    pl_run, rl_run = run_both(
+        ClipsWithTheTrainersSettings,
+        tmp_path=tmp_path,
+        init_args={"lr": 0.5},
+        trainer_args=dict(max_epochs=2, gradient_clip_val=value, gradient_clip_algorithm=algorithm),
+    )
+    assert_fit_parity(pl_run, rl_run)
+
+
+def test_clip_gradients_with_a_value_other_than_the_trainers_is_refused_naming_both(tmp_path):
+    class Conflicting(Regressor):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=0.5)
+
+    model = module_class(Conflicting, RL)()
+    trainer = RL.trainer(str(tmp_path), max_epochs=1, gradient_clip_val=0.05)
+    with pytest.raises(MisconfigurationError, match=r"gradient_clip_val=0\.5.*Trainer\(gradient_clip_val=0\.05\)"):
+        trainer.fit(model, loader())
 
 
 # "16-mixed" is not compared: on CPU Lightning silently runs bf16 while raylight runs fp16 with a GradScaler.
