@@ -529,9 +529,13 @@ class Engine:
         module = self.lightning_module
         with self.hooks.scope("configure_optimizers"):
             conf = module.configure_optimizers()
+        if conf is None:
+            warnings.warn(
+                "configure_optimizers() returned None: training runs training_step and backward but updates no "
+                "weights (as in Lightning). Return an optimizer to train",
+                stacklevel=2,
+            )
         optimizers, schedulers, monitor = parse_optimizers(conf)
-        if not optimizers and module.automatic_optimization:
-            warnings.warn("configure_optimizers() returned no optimizer: training will not update weights", stacklevel=2)
         if len(optimizers) > 1 and module.automatic_optimization:
             raise MisconfigurationError(
                 f"configure_optimizers() returned {len(optimizers)} optimizers; several optimizers need manual "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -260,6 +261,15 @@ class LightningModule(nn.Module):
         for param, requires_grad in getattr(self, "_toggled_requires_grad", {}).items():
             param.requires_grad = requires_grad
         self._toggled_requires_grad = {}
+
+    @contextmanager
+    def toggled_optimizer(self, optimizer) -> Iterator[None]:
+        """:meth:`toggle_optimizer` for the ``with`` block, then :meth:`untoggle_optimizer`, even if it raised."""
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
 
     def clip_gradients(
         self,

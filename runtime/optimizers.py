@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
@@ -32,17 +33,40 @@ class LRSchedulerConfig:
     opt_idx: int | None = None
 
 
+class NoOptimizer(Optimizer):
+    """Stands in when ``configure_optimizers`` returns None: each step runs the closure (training_step and
+    backward) and changes nothing, so the loops, the step counter and checkpoints work as with a real one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1)], {})
+
+    def step(self, closure: Any = None) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
 def _is_optimizer(obj: Any) -> bool:
     return isinstance(obj, Optimizer) or (hasattr(obj, "step") and hasattr(obj, "param_groups"))
+
+
+_SCHEDULER_KEYS = {f.name for f in fields(LRSchedulerConfig)} - {"reduce_on_plateau", "opt_idx"}
 
 
 def _check_dict(conf: dict) -> None:
     allowed = {"optimizer", "lr_scheduler", "monitor"}
     extra = set(conf) - allowed
     if extra:
-        raise MisconfigurationError(
-            f"configure_optimizers() returned a dict with unknown keys {sorted(extra)}; allowed keys are "
-            f"{sorted(allowed)}"
+        # Lightning warns and goes on; a scheduler key here is usually meant for the 'lr_scheduler' dict.
+        misplaced = sorted(extra & _SCHEDULER_KEYS)
+        hint = f"; {misplaced} belong inside the 'lr_scheduler' dict" if misplaced else ""
+        warnings.warn(
+            f"configure_optimizers() returned a dict with keys {sorted(extra)} that are ignored (allowed: "
+            f"{sorted(allowed)}){hint}",
+            RuntimeWarning,
+            stacklevel=4,
         )
     if "optimizer" not in conf:
         raise MisconfigurationError("configure_optimizers() returned a dict without an 'optimizer' key; " + _FORMATS)
@@ -51,7 +75,7 @@ def _check_dict(conf: dict) -> None:
 def parse_optimizers(conf: Any) -> tuple[list[Optimizer], list[Any], str | None]:
     """(optimizers, raw schedulers, monitor) from any supported return format."""
     if conf is None:
-        return [], [], None
+        return [NoOptimizer()], [], None
     if _is_optimizer(conf):
         return [conf], [], None
     if isinstance(conf, dict):
@@ -59,6 +83,8 @@ def parse_optimizers(conf: Any) -> tuple[list[Optimizer], list[Any], str | None]
         schedulers = [conf["lr_scheduler"]] if "lr_scheduler" in conf else []
         return [conf["optimizer"]], schedulers, conf.get("monitor")
     if isinstance(conf, (list, tuple)):
+        if not conf:
+            raise MisconfigurationError(f"{_FORMATS}; got an empty {type(conf).__name__}")
         if len(conf) == 2 and isinstance(conf[0], list) and all(_is_optimizer(o) for o in conf[0]):
             schedulers = conf[1] if isinstance(conf[1], list) else [conf[1]]
             return list(conf[0]), list(schedulers), None

@@ -160,3 +160,28 @@ def test_configure_optimizers_list_of_two_dicts_manual(tmp_path):
     assert_fit_parity(pl_run, rl_run)
     assert lrs(_optimizers(rl_run)) == pytest.approx(lrs(_optimizers(pl_run)), abs=1e-12)
     assert _scheduler_states(rl_run) == _scheduler_states(pl_run)
+
+
+class ReturnsNone(Regressor):
+    def configure_optimizers(self):
+        return None
+
+
+def test_configure_optimizers_returning_none_trains_without_updating_weights(tmp_path):
+    with pytest.warns(UserWarning, match="returned None"):
+        pl_run, rl_run = run_both(ReturnsNone, tmp_path=tmp_path, trainer_args=dict(max_epochs=2))
+    assert rl_run.trainer.global_step == pl_run.trainer.global_step == 12
+    assert_fit_parity(pl_run, rl_run)
+
+
+class SchedulerKeyAtTheTop(Regressor):
+    def configure_optimizers(self):
+        opt = _sgd(self)
+        return {"optimizer": opt, "lr_scheduler": _step_lr(opt), "interval": "step"}
+
+
+def test_an_unknown_key_next_to_the_optimizer_is_ignored_with_a_warning(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"\['interval'\] .*ignored.*inside the 'lr_scheduler' dict"):
+        pl_run, rl_run = run_both(SchedulerKeyAtTheTop, tmp_path=tmp_path, trainer_args=dict(max_epochs=3))
+    assert_fit_parity(pl_run, rl_run)
+    assert lrs(_optimizers(rl_run)) == pytest.approx(lrs(_optimizers(pl_run)), abs=1e-12)

@@ -127,3 +127,30 @@ def test_test_after_fit_logs_at_the_batch_count_not_the_optimizer_step_count(tmp
     assert pl_run.trainer.global_step == rl_run.trainer.global_step == 24
     assert rows["lightning"] == [(12, ["d_real", "epoch"])]
     assert rows["raylight"] == rows["lightning"]
+
+
+class TwoPlayerWithToggledOptimizer(TwoPlayer):
+    """The same steps written with the ``with self.toggled_optimizer(opt):`` form (Lightning 2.6)."""
+
+    def training_step(self, batch, batch_idx):
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(real.shape[0], 2)
+        with self.toggled_optimizer(opt_g):
+            assert not any(p.requires_grad for p in self.discriminator.parameters())
+            g_loss = self.discriminator(self.generator(z)).pow(2).mean()
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+        with self.toggled_optimizer(opt_d):
+            d_loss = self.discriminator(real).pow(2).mean()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+        self.steps_seen.append(self.global_step)
+
+
+def test_toggled_optimizer_context_manager(tmp_path):
+    pl_run, rl_run = run_both(TwoPlayerWithToggledOptimizer, tmp_path=tmp_path, trainer_args=dict(max_epochs=1))
+    assert_fit_parity(pl_run, rl_run)
+    assert all(p.requires_grad for p in rl_run.model.parameters()), "untoggled after the block"
