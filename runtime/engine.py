@@ -863,7 +863,9 @@ class Engine:
             checkpoint["rng_states"] = capture_rng_state()
         if module.hparams:
             checkpoint["hyper_parameters"] = checkpointable_hparams(dict(module.hparams))
-            checkpoint["hparams_name"] = "kwargs"
+            name = getattr(module, "_hparams_name", "kwargs")
+            if name is not None:
+                checkpoint["hparams_name"] = name
         if self.datamodule is not None:
             checkpoint["datamodule"] = {type(self.datamodule).__qualname__: self.datamodule.state_dict()}
             if self.datamodule.hparams:

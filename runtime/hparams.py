@@ -52,6 +52,19 @@ def collect_init_args(obj: Any, start: FrameType) -> dict[str, Any]:
     return merged
 
 
+def hparams_name(init_args: dict[str, Any], names: tuple[Any, ...]) -> str | None:
+    """How ``load_from_checkpoint`` passes the saved hyperparameters back to ``__init__`` (Lightning's rule).
+
+    ``"kwargs"``: as keyword arguments. The name of an ``__init__`` argument: that argument was one dict or
+    Namespace given to ``save_hyperparameters(config)``, and receives the saved dict. None: a dict that was
+    not an ``__init__`` argument.
+    """
+    given = [n for n in names if not isinstance(n, str)]
+    if len(given) != 1:
+        return "kwargs" if (names or init_args) else None
+    return next((name for name, value in init_args.items() if value is given[0]), None)
+
+
 def select_hparams(
     init_args: dict[str, Any], names: tuple[Any, ...], ignore: Iterable[str] | str | None
 ) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from runtime.errors import MisconfigurationError
-from runtime.hparams import AttributeDict, collect_init_args, select_hparams
+from runtime.hparams import AttributeDict, collect_init_args, hparams_name, select_hparams
 from runtime.logging.collector import metric_collection_items
 
 
@@ -107,6 +107,7 @@ class LightningModule(nn.Module):
             frame = inspect.currentframe().f_back
         init_args = collect_init_args(self, frame)
         hparams = select_hparams(init_args, args, ignore)
+        self._hparams_name = hparams_name(init_args, args)
         self._log_hyperparams = logger
         self._hparams = AttributeDict(hparams)
         self._hparams_initial = AttributeDict(copy.deepcopy(hparams))
@@ -555,19 +556,34 @@ class LightningModule(nn.Module):
         map_location: Any = None,
         hparams_file: str | None = None,
         strict: bool = True,
+        weights_only: bool | None = None,
         **overrides: Any,
     ):
         """Build the module from a checkpoint's hyperparameters (``overrides`` win) and load its weights.
 
-        The file is read with ``torch.load(weights_only=True)``: a checkpoint
-        with pickled objects is refused, never executed.
+        As in Lightning, hyperparameters recorded from one dict argument (``save_hyperparameters(config)``)
+        are passed back as that argument, and those ``__init__`` does not take are left out (unless it takes
+        ``**kwargs``). The file is read with ``torch.load(weights_only=True)``: a checkpoint with pickled
+        objects is refused, never executed (``weights_only=False`` is refused for that reason).
         """
         from runtime.checkpoint.io import check_state_dict_compatible, load_checkpoint, required_keys
 
+        if weights_only is False:
+            raise ValueError(
+                f"load_from_checkpoint({checkpoint_path!r}, weights_only=False): raylight reads checkpoints only "
+                "with torch.load(weights_only=True), so that loading one never runs code from it. Leave "
+                "weights_only out; a checkpoint that needs pickled objects must be re-saved without them"
+            )
         checkpoint = load_checkpoint(str(checkpoint_path), map_location=map_location)
         required_keys(checkpoint, ["state_dict"], str(checkpoint_path))
         hparams = dict(checkpoint.get("hyper_parameters") or {})
+        params = inspect.signature(cls.__init__).parameters
+        name = checkpoint.get("hparams_name")
+        if name not in (None, "kwargs") and name in params:
+            hparams = {name: hparams}
         hparams.update(overrides)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            hparams = {k: v for k, v in hparams.items() if k in params}
         try:
             model = cls(**hparams)
         except TypeError as err:

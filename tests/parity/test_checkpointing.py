@@ -7,6 +7,7 @@ compared with each other.
 from __future__ import annotations
 
 import os
+from argparse import Namespace
 
 import pytest
 import torch
@@ -58,11 +59,31 @@ class HParamsDict(Regressor):
         self.save_hyperparameters(config)
 
 
+class HParamsNamespace(Regressor):
+    """The argparse pattern: one Namespace argument, recorded as a dict and passed back to it as one."""
+
+    def __init__(self, args=None):
+        lr, hidden = (args.lr, args.hidden) if isinstance(args, Namespace) else (args["lr"], args["hidden"])
+        super().__init__(lr=lr, hidden=hidden)
+        self.save_hyperparameters(args)
+
+
+class HParamsChangedAfterSaving(Regressor):
+    """A value added to self.hparams after save_hyperparameters: in the checkpoint, not an __init__ argument."""
+
+    def __init__(self, lr: float = 0.05, hidden: int = 8):
+        super().__init__(lr=lr, hidden=hidden)
+        self.save_hyperparameters()
+        self.hparams.width = hidden * 2
+
+
 HPARAM_CASES = {
     "all-args": (HParams, dict(lr=0.1, hidden=6, name="x", layers=[3, 4], opt={"momentum": 0.5}, extra_kw=7)),
     "ignore": (HParamsIgnore, dict(lr=0.1, hidden=6, name="x")),
     "named": (HParamsNamed, dict(lr=0.1, hidden=6, name="x")),
     "dict": (HParamsDict, dict(config={"lr": 0.1, "hidden": 6})),
+    "namespace": (HParamsNamespace, dict(args=Namespace(lr=0.1, hidden=6))),
+    "changed-after-saving": (HParamsChangedAfterSaving, dict(lr=0.1, hidden=6)),
 }
 
 
@@ -93,8 +114,7 @@ def _fit_with_checkpoint(tmp_path, body, kwargs, logger=False):
     return runs["lightning"], runs["raylight"]
 
 
-# "dict" is left out: its hparams ({lr, hidden}) are not __init__ arguments, so Lightning cannot rebuild it either.
-@pytest.mark.parametrize("case", [c for c in HPARAM_CASES if c != "dict"])
+@pytest.mark.parametrize("case", list(HPARAM_CASES))
 def test_load_from_checkpoint_restores_hparams_and_weights(tmp_path, case):
     body, kwargs = HPARAM_CASES[case]
     (pl_trainer, plm, pl_ckpt, _), (rl_trainer, rlm, rl_ckpt, _) = _fit_with_checkpoint(tmp_path, body, kwargs)
