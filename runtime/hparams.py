@@ -38,11 +38,14 @@ def _frame_init_args(frame: FrameType) -> dict[str, Any]:
 def collect_init_args(obj: Any, start: FrameType) -> dict[str, Any]:
     """Arguments of every ``__init__`` on the call stack that belongs to ``obj``.
 
-    Walks outwards from ``start`` so that a subclass's ``__init__`` (further
+    Walks outwards from ``start`` (past methods of ``obj`` that ``__init__``
+    called, as Lightning does) so that a subclass's ``__init__`` (further
     out) overrides what a base class's ``__init__`` received through super().
     """
     collected: list[dict[str, Any]] = []
     frame: FrameType | None = start
+    while frame is not None and frame.f_code.co_name != "__init__" and frame.f_locals.get("self") is obj:
+        frame = frame.f_back  # a method of obj that __init__ called save_hyperparameters from
     while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
         collected.append(_frame_init_args(frame))
         frame = frame.f_back

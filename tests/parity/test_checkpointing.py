@@ -77,6 +77,17 @@ class HParamsChangedAfterSaving(Regressor):
         self.hparams.width = hidden * 2
 
 
+class HParamsFromAHelperMethod(Regressor):
+    """save_hyperparameters() in a method that __init__ calls: the arguments are still __init__'s."""
+
+    def __init__(self, lr: float = 0.05, hidden: int = 8):
+        super().__init__(lr=lr, hidden=hidden)
+        self._record()
+
+    def _record(self):
+        self.save_hyperparameters()
+
+
 HPARAM_CASES = {
     "all-args": (HParams, dict(lr=0.1, hidden=6, name="x", layers=[3, 4], opt={"momentum": 0.5}, extra_kw=7)),
     "ignore": (HParamsIgnore, dict(lr=0.1, hidden=6, name="x")),
@@ -84,6 +95,7 @@ HPARAM_CASES = {
     "dict": (HParamsDict, dict(config={"lr": 0.1, "hidden": 6})),
     "namespace": (HParamsNamespace, dict(args=Namespace(lr=0.1, hidden=6))),
     "changed-after-saving": (HParamsChangedAfterSaving, dict(lr=0.1, hidden=6)),
+    "from-a-helper-method": (HParamsFromAHelperMethod, dict(lr=0.1, hidden=6)),
 }
 
 
