@@ -118,13 +118,13 @@ class Trainer:
         if self.spec.num_workers > 0:
             with self._stage(create=not os.path.isdir(self.run_dir.path)):
                 result = self._run_on_ray(
-                    "predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule
+                    "predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule,
+                    return_predictions=return_predictions,
                 )
-            return result["predictions"] if return_predictions else None
+            return result["predictions"]
         engine = self._new_engine(keep_progress=True)
         with self._stage(create=False):
-            predictions = engine.predict(model, dataloaders, datamodule, checkpoint, path)
-        return predictions if return_predictions else None
+            return engine.predict(model, dataloaders, datamodule, checkpoint, path, return_predictions)
 
     # ------------------------------------------------------------- properties
     @property
@@ -194,6 +194,7 @@ class Trainer:
             "num_sanity_val_batches",
             "num_test_batches",
             "num_predict_batches",
+            "predict_loop",
             "max_epochs",
             "min_epochs",
             "max_steps",
@@ -320,7 +321,11 @@ class Trainer:
             stream_files=os.environ.get(STREAM_FILES_ENV, "") == "1",
             tune_malloc=os.environ.get(TUNE_MALLOC_ENV, "1") != "0",
             initial_progress=initial_progress,
-            **{k: v for k, v in data.items() if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule")},
+            **{
+                k: v
+                for k, v in data.items()
+                if k in ("train_dataloaders", "val_dataloaders", "dataloaders", "datamodule", "return_predictions")
+            },
         )
 
     def _run_on_ray(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from runtime._lazy import lazy_exports
 
 _EXPORTS = {
+    "BasePredictionWriter": "runtime.callbacks",
     "Callback": "runtime.callbacks",
     "EarlyStopping": "runtime.callbacks",
     "LearningRateMonitor": "runtime.callbacks",
@@ -27,7 +28,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from runtime.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from runtime.callbacks import BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from runtime.datamodule import LightningDataModule
     from runtime.module import LightningModule
     from runtime.seed import seed_everything

@@ -109,6 +109,7 @@ class Engine:
         self.val_check_batch: int | float = math.inf
         self._ddp_model: nn.Module | None = None
         self.fit_loop: FitLoop | None = None
+        self.predict_loop: PredictionLoop | None = None  # during and after predict (what prediction writers read)
         self._fitted_batches_that_stepped = 0  # a finished fit's logger step, for validate/test after it
         self._val_loop: EvaluationLoop | None = None
         self._seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
@@ -357,13 +358,18 @@ class Engine:
     def test(self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None) -> list[dict[str, float]]:
         return self._evaluate(module, dataloaders, datamodule, ckpt, ckpt_path, testing=True)
 
-    def predict(self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None) -> list[Any]:
-        """Predictions per dataloader (a flat list of batch outputs when there is one dataloader)."""
+    def predict(
+        self, module, dataloaders=None, datamodule=None, ckpt=None, ckpt_path=None, return_predictions: bool = True
+    ) -> list[Any] | None:
+        """Predictions per dataloader (a flat list of batch outputs when there is one dataloader).
+
+        ``return_predictions=False`` keeps none (a prediction writer callback writes them) and returns None.
+        """
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         self._attach(module, datamodule, TrainerFn.PREDICTING)
         self._eval_source = dataloaders
-        return self._run(self._predict_impl, ckpt, ckpt_path)
+        return self._run(lambda checkpoint: self._predict_impl(checkpoint, return_predictions), ckpt, ckpt_path)
 
     def _evaluate(self, module, dataloaders, datamodule, ckpt, ckpt_path, testing: bool):
         if isinstance(dataloaders, LightningDataModule):
@@ -675,14 +681,17 @@ class Engine:
         loop = EvaluationLoop(self, self.state.stage)
         return loop.run(loaders, budgets)
 
-    def _predict_impl(self, checkpoint: dict[str, Any] | None) -> list[Any]:
+    def _predict_impl(self, checkpoint: dict[str, Any] | None, return_predictions: bool) -> list[Any] | None:
         self._log_hparams()
         limit = self.config.fast_dev_run or self.config.limit_predict_batches
         loaders = [self._prepare(dl, "predict", limit, record_indices=True) for dl in self._eval_sources("predict")]
         budgets = [p.num_batches for p in loaders]
         self.num_predict_batches = budgets
         self.state.stage = RunningStage.PREDICTING
-        per_loader = PredictionLoop(self).run(loaders, budgets)
+        self.predict_loop = PredictionLoop(self, return_predictions)
+        per_loader = self.predict_loop.run(loaders, budgets)
+        if per_loader is None:
+            return None
         return per_loader[0] if len(per_loader) == 1 else per_loader
 
     # ============================================================ step pieces

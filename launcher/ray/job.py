@@ -38,6 +38,7 @@ class Job:
     train_dataloaders: Any = None
     val_dataloaders: Any = None
     dataloaders: Any = None  # validate / test / predict
+    return_predictions: bool = True  # predict: False keeps none (a prediction writer writes them on each rank)
     logger_count: int = 0  # how many loggers the driver has (LearningRateMonitor needs to know there are some)
     progress_bar: bool = True  # whether the driver shows a progress bar (else rank 0 sends no progress)
     # Always stream checkpoints to the driver, even from a worker that sees its run directory (STREAM_FILES_ENV).

@@ -494,7 +494,9 @@ def _run_stage(job, engine: Engine, checkpoint, resume_from, files: DriverFiles,
         run = engine.test if job.stage == "test" else engine.validate
         result["results"] = run(module, job.dataloaders, job.datamodule, checkpoint, resume_from)
     else:
-        result["predictions"] = engine.predict(module, job.dataloaders, job.datamodule, checkpoint, resume_from)
+        result["predictions"] = engine.predict(
+            module, job.dataloaders, job.datamodule, checkpoint, resume_from, job.return_predictions
+        )
 
     files.confirm()  # a failed checkpoint commit fails the stage, on the rank that sent it
     if rank != 0:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from runtime.callbacks.prediction_writer import BasePredictionWriter
 from runtime.loops.data import PreparedLoader
 from runtime.state import RunningStage
 
@@ -41,34 +42,62 @@ def _join_samples(samples: list[Any]) -> Any:
 
 
 class PredictionLoop:
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
+    """The predict pass. ``trainer.predict_loop`` during it, with what a prediction writer reads (Lightning's
+    names): this rank's ``predictions`` (kept only when they are returned), the dataset indices of the current
+    batch's samples (``current_batch_indices``) and of every batch so far (``epoch_batch_indices``, per
+    dataloader).
+    """
 
-    def run(self, loaders: list[PreparedLoader], budgets: list[int | float]) -> list[list[Any]]:
+    def __init__(self, engine: "Engine", return_predictions: bool = True):
+        self.engine = engine
+        self.return_predictions = return_predictions
+        self._predictions: list[list[Any]] = []  # dataloaders x batches, this rank's
+        self.epoch_batch_indices: list[list[list[int]]] = []  # dataloaders x batches x samples
+        self.current_batch_indices: list[int] = []
+        # An epoch-end writer is handed every prediction, returned or not (as in Lightning).
+        self._writes_at_epoch_end = any(
+            getattr(cb, "write_interval", "batch") != "batch" for cb in engine.callbacks if isinstance(cb, BasePredictionWriter)
+        )
+
+    @property
+    def predictions(self) -> list[Any]:
+        """This rank's predictions: a list of batch outputs (a list of such lists for several dataloaders)."""
+        return self._predictions[0] if len(self._predictions) == 1 else self._predictions
+
+    def run(self, loaders: list[PreparedLoader], budgets: list[int | float]) -> list[list[Any]] | None:
+        """Predictions per dataloader, in dataset order; None without ``return_predictions``."""
         engine = self.engine
         hooks = engine.hooks
         hooks.on_predict_start()
         hooks.on_predict_epoch_start()
-        per_loader: list[list[Any]] = []
         with torch.inference_mode():
             for dl_idx, (prepared, budget) in enumerate(zip(loaders, budgets)):
                 outputs: list[Any] = []
-                batch_indices: list[list[int]] = []
+                self._predictions.append(outputs)
+                sampler = prepared.resumable  # it notes the indices of each batch it yields
+                done: list[list[int]] = []
+                self.epoch_batch_indices.append(done)
                 for batch_idx, batch in enumerate(prepared.loader):
                     if batch_idx >= budget:
                         break
+                    seen = sampler.yielded if sampler is not None else []
+                    self.current_batch_indices = seen[batch_idx] if batch_idx < len(seen) else []
+                    done.append(self.current_batch_indices)
                     batch = engine._prepare_batch(batch, dl_idx)
                     hooks.on_predict_batch_start(batch, batch_idx, dl_idx, len(loaders))
                     prediction = engine._predict_step(batch, batch_idx, dl_idx if len(loaders) > 1 else None)
                     hooks.on_predict_batch_end(prediction, batch, batch_idx, dl_idx, len(loaders))
-                    outputs.append(prediction)
+                    if self.return_predictions or self._writes_at_epoch_end:
+                        outputs.append(prediction)
                     engine._report_progress(RunningStage.PREDICTING, batch_idx + 1, budget, {})
-                if prepared.resumable is not None:
-                    batch_indices = prepared.resumable.yielded[: len(outputs)]
-                per_loader.append(self._in_dataset_order(outputs, batch_indices, prepared))
         hooks.on_predict_epoch_end()
         hooks.on_predict_end()
-        return per_loader
+        if not self.return_predictions:
+            return None
+        return [
+            self._in_dataset_order(outputs, indices, prepared)
+            for outputs, indices, prepared in zip(self._predictions, self.epoch_batch_indices, loaders)
+        ]
 
     def _in_dataset_order(self, outputs: list[Any], batch_indices: list[list[int]], prepared: PreparedLoader) -> list[Any]:
         """Gather every rank's predictions and return them once each, in dataset order, re-batched."""

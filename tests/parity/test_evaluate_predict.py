@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import re
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
+import runtime
+
 from tests.parity.bodies import Regressor
-from tests.parity.harness import SIDES, assert_fit_parity, assert_same_metrics, build_pair, loader, run_both
+from tests.parity.harness import PL, SIDES, assert_fit_parity, assert_same_metrics, build_pair, loader, run_both
 
 
 class MultiLoaderProbe(Regressor):
@@ -223,3 +226,47 @@ def test_fit_with_ckpt_path_last_and_no_checkpoint_yet_starts_from_the_beginning
         assert trainer.global_step == 12
     for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+class _RecordingWriter:
+    """A prediction writer body: records what each write call receives."""
+
+    def __init__(self, write_interval: str) -> None:
+        super().__init__(write_interval)
+        self.batches: list[tuple] = []
+        self.epoch: tuple | None = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.batches.append((list(batch_indices), prediction["y"].clone(), batch_idx, dataloader_idx))
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        self.epoch = (predictions, batch_indices)
+
+
+def _writer(side, interval):
+    base = pl.callbacks.BasePredictionWriter if side is PL else runtime.BasePredictionWriter
+    return type(f"RecordingWriter_{side.name}", (_RecordingWriter, base), {})(interval)
+
+
+@pytest.mark.parametrize("interval", ["batch", "epoch", "batch_and_epoch"])
+@pytest.mark.parametrize("return_predictions", [True, False])
+@pytest.mark.parametrize("count", [1, 2], ids=["one-loader", "two-loaders"])
+def test_prediction_writer(tmp_path, interval, return_predictions, count):
+    writers = {}
+    results = {}
+    for side, model in zip(SIDES, build_pair(Predictor)):
+        writers[side.name] = writer = _writer(side, interval)
+        trainer = side.trainer(str(tmp_path / side.name), callbacks=[writer])
+        data = _eval_loaders(count) if count > 1 else _eval_loaders(1)[0]
+        results[side.name] = trainer.predict(model, data, return_predictions=return_predictions)
+    expected, actual = writers["lightning"], writers["raylight"]
+    assert (results["raylight"] is None) == (not return_predictions)
+    assert [b[0] for b in actual.batches] == [b[0] for b in expected.batches]  # dataset indices of each batch
+    assert [b[2:] for b in actual.batches] == [b[2:] for b in expected.batches]
+    for (_, e, *_), (_, a, *_) in zip(expected.batches, actual.batches):
+        assert torch.allclose(e, a, atol=1e-6)
+    if interval == "batch":
+        assert actual.epoch is None and actual.batches
+    else:
+        _assert_same_predictions(expected.epoch[0], actual.epoch[0], "write_on_epoch_end predictions")
+        assert actual.epoch[1] == expected.epoch[1], "write_on_epoch_end batch indices"

@@ -25,7 +25,7 @@ from launcher import CSVLogger, TensorBoardLogger, Trainer
 from launcher.progress import _format_value
 from launcher.ray.backend import WorkerError
 from launcher.ray.job import UnpicklableJobError
-from runtime import LightningModule, ModelCheckpoint, seed_everything
+from runtime import BasePredictionWriter, LightningModule, ModelCheckpoint, seed_everything
 
 WORKERS = 2
 # 40 samples, 20 per rank: per-rank batches of 8, 8, 4 (3 steps an epoch), so the epoch mean is batch-size weighted.
@@ -508,6 +508,43 @@ def test_predict_returns_each_sample_once_in_order_and_warns_about_captured_data
     got = torch.cat(predictions)
     assert got[:, 0].tolist() == list(range(n))
     torch.testing.assert_close(got[:, 1], 2 * x[:, 0])
+
+
+class FileWriter(BasePredictionWriter):
+    """Each rank writes each batch's predictions, with their dataset indices, to a file of its own."""
+
+    def __init__(self, directory: str):
+        super().__init__("batch")
+        self.directory = directory
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        name = f"rank{trainer.global_rank}-batch{batch_idx}.pt"
+        torch.save({"indices": list(batch_indices), "prediction": prediction}, os.path.join(self.directory, name))
+
+
+def test_predict_with_a_writer_and_no_returned_predictions_writes_each_sample_on_its_rank(ray_cluster, tmp_path):
+    # The workers run on this machine, so they can write into tmp_path; nothing comes back to the driver.
+    out = tmp_path / "predictions"
+    out.mkdir()
+    n = 11
+    x = torch.randn(n, 3)
+    trainer = Trainer(
+        num_workers=WORKERS, address=ray_cluster, default_root_dir=str(tmp_path), run_name="writer",
+        enable_progress_bar=False, logger=False, callbacks=[FileWriter(str(out))],
+    )
+    returned = trainer.predict(
+        IndexTimesTwo(), DataLoader(TensorDataset(torch.arange(n), x), batch_size=3), return_predictions=False
+    )
+    assert returned is None
+    written = [torch.load(path, weights_only=True) for path in sorted(out.iterdir())]
+    assert {path.name.split("-")[0] for path in out.iterdir()} == {"rank0", "rank1"}
+    by_index = {}
+    for record in written:
+        for index, row in zip(record["indices"], record["prediction"]):
+            assert row[0].item() == index, "the indices name the samples the prediction is for"
+            by_index[index] = row[1]
+    assert sorted(by_index) == list(range(n))  # rank 1's padding repeats sample 0
+    torch.testing.assert_close(torch.stack([by_index[i] for i in range(n)]), 2 * x[:, 0])
 
 
 # ============================================================== errors
