@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
+from typing import Any
 
 from launcher.run_dir import RunDir
 
@@ -17,16 +19,18 @@ def _ls(args: argparse.Namespace) -> int:
     if not os.path.isdir(root):
         print(f"raylight ls: no such directory: {root}", file=sys.stderr)
         return 2
+    runs = [RunDir(os.path.join(root, name)) for name in sorted(os.listdir(root))]
+    runs = [run for run in runs if os.path.exists(os.path.join(run.path, "spec.json"))]
+    if args.json:
+        print(json.dumps([_ls_record(run) for run in runs], indent=2))
+        return 0
     rows = []
-    for name in sorted(os.listdir(root)):
-        run = RunDir(os.path.join(root, name))
-        if not os.path.exists(os.path.join(run.path, "spec.json")):
-            continue
+    for run in runs:
         status = run.read_status()
         best = status.get("best_score")
         rows.append(
             (
-                name,
+                run.name,
                 run.shown_status(),
                 str(status.get("epoch", "-")),
                 str(status.get("global_step", "-")),
@@ -36,9 +40,6 @@ def _ls(args: argparse.Namespace) -> int:
             )
         )
     header = ("RUN", "STATUS", "EPOCH", "STEP", "BEST", "LAST CHECKPOINT", "UPDATED")
-    if args.json:
-        print(json.dumps([dict(zip(header, row)) for row in rows], indent=2))
-        return 0
     if not rows:
         print(f"no runs under {root}")
         return 0
@@ -46,6 +47,31 @@ def _ls(args: argparse.Namespace) -> int:
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _ls_record(run: RunDir) -> dict[str, Any]:
+    """One run for ``ls --json``: status.json's values as data (null where missing), not the table's strings."""
+    status = run.read_status()
+
+    def number(key: str, kind: type) -> Any:
+        value = status.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if kind is int:
+            return value if isinstance(value, int) else None
+        return float(value) if math.isfinite(value) else None  # NaN and inf are not JSON
+
+    checkpoint = status.get("last_checkpoint")
+    return {
+        "run": run.name,
+        "path": run.path,
+        "status": run.shown_status(),
+        "epoch": number("epoch", int),
+        "global_step": number("global_step", int),
+        "best_score": number("best_score", float),
+        "last_checkpoint": os.path.join(run.path, checkpoint) if isinstance(checkpoint, str) and checkpoint else None,
+        "updated": number("updated", float),  # seconds since the epoch (time.time())
+    }
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -74,18 +100,21 @@ def _resume(args: argparse.Namespace) -> int:
         with open(spec_path) as f:
             spec = TrainerSpec.from_json(f.read())
         record = read_job(run.path)
-    except (JobFileError, SpecError) as err:
+        job = cloudpickle.loads(record["job"])  # the signature over the whole record was verified above
+        kwargs = spec.model_dump(exclude={"callbacks", "logger"})
+        kwargs.update(default_root_dir=os.path.dirname(run.path), run_name=run.name, devices="auto")
+        if args.address is not None:
+            kwargs["address"] = args.address
+        if args.num_workers is not None:
+            kwargs["num_workers"] = args.num_workers
+        loggers = record.get("loggers") or []
+        trainer = Trainer(**kwargs, callbacks=job.callbacks, logger=loggers if loggers else False)
+    except JobFileError as err:
         print(f"raylight resume: {err}", file=sys.stderr)
         return 2
-    job = cloudpickle.loads(record["job"])  # the signature over the whole record was verified above
-    kwargs = spec.model_dump(exclude={"callbacks", "logger"})
-    kwargs.update(default_root_dir=os.path.dirname(run.path), run_name=run.name, devices="auto")
-    if args.address is not None:
-        kwargs["address"] = args.address
-    if args.num_workers is not None:
-        kwargs["num_workers"] = args.num_workers
-    loggers = record.get("loggers") or []
-    trainer = Trainer(**kwargs, callbacks=job.callbacks, logger=loggers if loggers else False)
+    except SpecError as err:  # a damaged spec.json, or an override such as --num-workers -1
+        print(f"raylight resume: {'; '.join(err.problems)}", file=sys.stderr)
+        return 2
     # last.ckpt where a ModelCheckpoint keeps one, else the newest checkpoint the run recorded, else the newest
     # file in its checkpoints/ (a status.json that was lost or damaged).
     checkpoint = run.last_checkpoint if os.path.exists(run.last_checkpoint) else run.read_status().get("last_checkpoint")
@@ -113,9 +142,9 @@ def _submit(args: argparse.Namespace) -> int:
 
     command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     working_dir = os.path.abspath(args.working_dir)
-    env = dict(item.split("=", 1) for item in args.env)
+    env = submit.parse_env(args.env)
     jobs, job_id = submit.submit(args.address, command, working_dir, env=env, submission_id=args.submission_id)
-    print(f"submitted job {job_id} to {args.address or 'the cluster in RAY_ADDRESS'}", flush=True)
+    print(f"submitted job {job_id} to {args.address or 'the Ray cluster on this machine'}", flush=True)
     if args.no_wait:
         print(f"follow it with `raylight logs {job_id} --follow`, fetch its runs with `raylight fetch {job_id}`")
         return 0
@@ -167,8 +196,9 @@ def _stop(args: argparse.Namespace) -> int:
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
-        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
-        help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)",
+        default=None,  # resolved in _jobs_command, so that an error can say where the address came from
+        help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, else a "
+        "Ray cluster running on this machine)",
     )
 
 
@@ -234,13 +264,14 @@ def _jobs_command(args: argparse.Namespace) -> int:
     """Run a Ray Jobs command; what the cluster or the SDK refuses becomes one line on stderr and exit status 2."""
     from ray.exceptions import RayError
 
-    from launcher.submit import SubmitError, explain
+    from launcher.submit import SubmitError, explain, resolve_address
 
     import ray.job_submission  # noqa: F401 - creates the SDK's loggers, quieted next
 
     for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
         logging.getLogger(name).setLevel(logging.WARNING)  # not Ray's INFO lines about packages and websockets
     try:
+        args.address = resolve_address(args.address)
         return args.func(args)
     except (SubmitError, ConnectionError, RayError, RuntimeError, ValueError) as err:
         print(f"raylight {args.command}: {explain(err, args.address, getattr(args, 'job_id', None))}", file=sys.stderr)

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import (
@@ -72,7 +72,8 @@ _PRECISION_ALIASES: dict[Any, str] = {
     "64": "64-true",
 }
 _PRECISION_HELP = (
-    "expected one of " + ", ".join(repr(p) for p in _PRECISIONS) + " (or the aliases 32, 16, 'bf16', 64)"
+    "expected one of " + ", ".join(repr(p) for p in _PRECISIONS) + " (or the aliases 32, 16, 'bf16', 64),"
+    " or None ('32-true')"
 )
 
 # Integer arguments: (smallest allowed, None allowed, what the special values mean).
@@ -82,14 +83,56 @@ _INT_RULES: dict[str, tuple[int, bool, str]] = {
     "max_steps": (-1, False, "-1 = no step limit"),
     "min_steps": (0, True, "None = no minimum"),
     "check_val_every_n_epoch": (1, True, "None = validate only every val_check_interval batches"),
-    "num_sanity_val_steps": (-1, False, "-1 = all validation batches, 0 = no sanity check"),
-    "log_every_n_steps": (0, False, "steps between logged rows"),
+    "num_sanity_val_steps": (-1, False, "-1 = all validation batches, 0 = no sanity check; None = 2"),
+    "log_every_n_steps": (0, False, "steps between logged rows; None = 50"),
     "accumulate_grad_batches": (1, False, "batches per optimizer step"),
     "num_workers": (0, False, "0 = run in the driver process without Ray, N = N Ray Train workers"),
     "max_failures": (-1, False, "-1 = restart forever, 0 = never restart"),
 }
 
 _LIMIT_FIELDS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+# Arguments whose Lightning default is None, read as "use the default": a script that passes config or argparse
+# values straight through has these Nones. Dropping the key gives raylight's default, the value Lightning resolves
+# None to (precision "32-true", 50, 2, 1.0, True). deterministic=None leaves torch's deterministic-algorithms
+# setting alone in Lightning, which is what raylight's False does (only True and "warn" touch it).
+_NONE_MEANS_DEFAULT = (
+    "precision",
+    "log_every_n_steps",
+    "num_sanity_val_steps",
+    *_LIMIT_FIELDS,
+    "val_check_interval",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "deterministic",
+)
+
+# Lightning Trainer arguments raylight does not take, and what to do instead. Without this table difflib would
+# suggest a raylight argument with another meaning (num_nodes -> num_workers turns an in-process run into a Ray run).
+_LIGHTNING_ONLY: dict[str, str] = {
+    "barebones": "remove it; for the least overhead pass logger=False, enable_checkpointing=False,"
+    " enable_progress_bar=False and num_sanity_val_steps=0",
+    "benchmark": "remove it; to let cuDNN autotune, set torch.backends.cudnn.benchmark = True in your"
+    " LightningModule's setup() (it runs in every worker)",
+    "enable_autolog_hparams": "remove it; raylight logs the hyperparameters saved with self.save_hyperparameters(),"
+    " as Lightning's default does: save them with save_hyperparameters(logger=False) to keep them out of the loggers",
+    "inference_mode": "remove it; raylight runs validation and test under torch.no_grad() and predict under"
+    " torch.inference_mode()",
+    "max_time": "remove it; bound the run with max_epochs or max_steps, or stop it from a Callback that sets"
+    " trainer.should_stop = True once your time is up",
+    "model_registry": "remove it; raylight uploads nothing: the checkpoints stay in"
+    " <default_root_dir>/<run_name>/checkpoints/",
+    "overfit_batches": "remove it; for the same effect pass limit_train_batches=N and limit_val_batches=N and build"
+    " the training DataLoader with shuffle=False",
+    "plugins": "remove it; set the precision with precision=...; Ray and raylight provide the cluster environment"
+    " and checkpoint I/O",
+    "profiler": "remove it; profile your LightningModule's code with torch.profiler, or the whole process with"
+    " py-spy",
+    "reload_dataloaders_every_n_epochs": "remove it; raylight asks for the dataloaders once per fit: to change"
+    " the data each epoch, make the Dataset change it (e.g. from the LightningModule's on_train_epoch_start)",
+    "sync_batchnorm": "remove it; on GPU workers, convert the BatchNorm layers yourself in the LightningModule's"
+    " __init__ with torch.nn.SyncBatchNorm.convert_sync_batchnorm(...)",
+}
 
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _RUN_NAME_MAX = 200  # keeps <default_root_dir>/<run_name>/checkpoints/... within common path limits
@@ -159,6 +202,13 @@ class TrainerSpec(BaseModel):
     becomes the int ``10``). ``fast_dev_run`` is stored as given (``True`` or
     an int) and becomes a batch count in :meth:`to_run_config`.
 
+    An explicit ``None`` means the default wherever Lightning's signature has
+    ``None`` as its default (``precision``, ``log_every_n_steps``,
+    ``limit_*_batches``, ``deterministic``, ...), as in Lightning.
+    ``enable_model_summary`` (any value) and ``num_nodes=1`` are accepted and
+    do nothing; Lightning arguments raylight lacks (``max_time``,
+    ``sync_batchnorm``, ...) are refused with what to do instead.
+
     ``callbacks`` and ``logger`` may hold objects. They are kept on the spec
     for the Trainer but are not data: :meth:`to_json` leaves out
     ``callbacks`` always, and ``logger`` unless it is the bool ``True`` or
@@ -216,8 +266,18 @@ class TrainerSpec(BaseModel):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = "auto"
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"] = "auto"
+    # --- Lightning arguments accepted so a ported call runs unchanged; they have no effect
+    enable_model_summary: bool | None = None  # raylight prints no model summary, whatever the value
+    num_nodes: int = 1  # Lightning's default; Ray places the workers on the cluster's nodes
 
     # ------------------------------------------------------------- validators
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_none_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _NONE_MEANS_DEFAULT)}
+        return data
 
     @field_validator(*_INT_RULES, mode="before")
     @classmethod
@@ -227,7 +287,7 @@ class TrainerSpec(BaseModel):
             return None
         if _is_int(value) and value >= minimum:
             return value
-        allowed = f"an int >= {minimum}" + (" or None" if nullable else "")
+        allowed = f"an int >= {minimum}" + (" or None" if nullable or info.field_name in _NONE_MEANS_DEFAULT else "")
         raise _invalid(f"expected {allowed} ({meaning})")
 
     @field_validator(*_LIMIT_FIELDS, mode="before")
@@ -240,7 +300,9 @@ class TrainerSpec(BaseModel):
                 return value
             if value > 1.0 and value.is_integer() and math.isfinite(value):
                 return int(value)  # Lightning reads a whole float like 10.0 as 10 batches
-        raise _invalid("expected an int >= 0 (a number of batches) or a float in [0.0, 1.0] (a fraction of them)")
+        raise _invalid(
+            "expected an int >= 0 (a number of batches), a float in [0.0, 1.0] (a fraction of them) or None (1.0)"
+        )
 
     @field_validator("val_check_interval", mode="before")
     @classmethod
@@ -252,10 +314,13 @@ class TrainerSpec(BaseModel):
                 return value
             if value > 1.0 and value.is_integer() and math.isfinite(value):
                 return int(value)
-        raise _invalid(
-            "expected an int >= 1 (validate every N training batches) or a float in (0.0, 1.0]"
-            " (a fraction of the training epoch)"
+        allowed = (
+            "expected an int >= 1 (validate every N training batches), a float in (0.0, 1.0]"
+            " (a fraction of the training epoch) or None (1.0)"
         )
+        if isinstance(value, (str, timedelta, dict)):
+            raise _invalid(f"Lightning's time-based val_check_interval is not supported by raylight: {allowed}")
+        raise _invalid(allowed)
 
     @field_validator("gradient_clip_val", mode="before")
     @classmethod
@@ -276,7 +341,10 @@ class TrainerSpec(BaseModel):
     def _check_deterministic(cls, value: Any) -> Any:
         if isinstance(value, bool) or value == "warn":
             return value
-        raise _invalid("expected a boolean or 'warn' (nondeterministic ops warn instead of raising)")
+        raise _invalid(
+            "expected a boolean or 'warn' (nondeterministic ops warn instead of raising), or None (False: torch's"
+            " setting is left alone)"
+        )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -374,6 +442,24 @@ class TrainerSpec(BaseModel):
         raise _invalid(
             "expected 'auto' or an int >= 1 (an alias for num_workers: one Ray Train worker per device);"
             " device lists and -1 are not supported, set num_workers instead"
+        )
+
+    @field_validator("enable_model_summary", mode="before")
+    @classmethod
+    def _check_model_summary(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        raise _invalid("expected True, False or None (accepted from Lightning; raylight prints no model summary)")
+
+    @field_validator("num_nodes", mode="before")
+    @classmethod
+    def _check_num_nodes(cls, value: Any) -> Any:
+        if _is_int(value) and value == 1:
+            return value
+        raise _invalid(
+            "raylight takes no node count: Ray places the num_workers workers across the cluster's nodes. Remove"
+            " num_nodes and pass num_workers=<total workers> (num_nodes x devices per node, e.g. num_workers=8"
+            " for num_nodes=2, devices=4)"
         )
 
     @field_validator("callbacks", mode="before")
@@ -477,8 +563,9 @@ class TrainerSpec(BaseModel):
         """Validate ``Trainer(**kwargs)`` arguments.
 
         Raises :class:`SpecError` listing every problem as
-        ``"field: message (got VALUE)"``; a misspelt argument gets the closest
-        valid name suggested.
+        ``"field: message (got VALUE)"``; a Lightning argument raylight does not
+        support says so and what to do instead, and a misspelt argument gets
+        the closest valid name suggested.
         """
         try:
             return cls.model_validate(kwargs)
@@ -526,6 +613,12 @@ def _spec_error(err: ValidationError) -> SpecError:
     for e in err.errors():
         loc = e.get("loc", ())
         name = str(loc[0]) if loc else ""
+        if e["type"] == "extra_forbidden" and name in _LIGHTNING_ONLY:
+            problems.append(
+                f"{name}: Lightning's Trainer argument {name!r} is not supported by raylight: {_LIGHTNING_ONLY[name]}"
+                f" (got {_short_repr(e.get('input'))})"
+            )
+            continue
         if e["type"] == "extra_forbidden":
             match = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
             hint = f"did you mean {match[0]!r}?" if match else f"valid arguments: {', '.join(sorted(fields))}"

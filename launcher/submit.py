@@ -72,10 +72,48 @@ def _relative_home(run_dir: str) -> str:
 # --- on the submitter's machine ---------------------------------------------------------------
 
 
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in the order Ray's Job SDK reads them
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The address for the jobs commands: ``address`` (``--address``), else the first of ``ADDRESS_VARIABLES``
+    that is set, else None (Ray looks for a cluster running on this machine).
+
+    Best is the dashboard's ``http://HEAD:8265``. A ``host:port`` is a cluster (GCS) address, which Ray's SDK
+    also takes (it asks the cluster for its dashboard), so it is passed on as it is.
+    """
+    if address:
+        return address
+    return next((os.environ[n] for n in ADDRESS_VARIABLES if os.environ.get(n)), None)
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``--env KEY=VALUE`` items as a dict; the value may contain '=' (``A=b=c`` sets A to ``b=c``)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SubmitError(f"--env {shlex.quote(item)}: expected KEY=VALUE, e.g. --env OMP_NUM_THREADS=4")
+        env[key] = value
+    return env
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    if not address:
+        return JobSubmissionClient(None)
+    # The SDK prefers $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, to its argument: a GCS address left in
+    # RAY_ADDRESS would win over --address. Naming the address in the first variable makes it win.
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        if saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def explain(err: BaseException, address: str | None, job_id: str | None = None) -> str:
@@ -94,6 +132,11 @@ def explain(err: BaseException, address: str | None, job_id: str | None = None) 
         )
     if "Authentication failed" in text:
         return f"the Ray cluster at {address} refused the token: use that cluster's token (~/.ray/auth_token)"
+    if isinstance(err, ConnectionError) and address is None:
+        return (
+            "no Ray dashboard address was given and no Ray cluster is running on this machine: pass "
+            "--address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS=http://HEAD:8265"
+        )
     if isinstance(err, ConnectionError):
         return (
             f"cannot reach the Ray dashboard at {address}: check that the head node is running and that the "

@@ -100,13 +100,13 @@ def check_driver_kill_and_resume(tmp_path, env, delay: float, ray_args: tuple[st
     listed = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "ls", str(tmp_path), "--json"], capture_output=True, text=True, env=env
     )
-    (row,) = [row for row in json.loads(listed.stdout) if row["RUN"] == "killed"]
-    assert row["STATUS"] == "preempted", "a run whose driver is gone is not shown as running"
+    (row,) = [row for row in json.loads(listed.stdout) if row["run"] == "killed"]
+    assert row["status"] == "preempted", "a run whose driver is gone is not shown as running"
     # Its progress is that of the newest committed checkpoint, noted in status.json when it was committed.
-    noted_path = tmp_path / row["LAST CHECKPOINT"]
-    assert noted_path.parent == run / "checkpoints" and noted_path.exists(), row
+    noted_path = run / "checkpoints" / os.path.basename(row["last_checkpoint"])
+    assert row["last_checkpoint"] == str(noted_path) and noted_path.exists(), row
     noted = torch.load(noted_path, weights_only=True)
-    assert (row["EPOCH"], row["STEP"]) == (str(noted["epoch"]), str(noted["global_step"]))
+    assert (row["epoch"], row["global_step"]) == (noted["epoch"], noted["global_step"])
 
     resumed = _resume(run, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -81,7 +81,6 @@ INVALID = [
     ({"resources_per_worker": {"CPU": True}}, "resources_per_worker", "{'CPU': True}", "amount > 0"),
     ({"resources_per_worker": [("CPU", 1)]}, "resources_per_worker", "[('CPU', 1)]", "dict of resource name"),
     ({"placement_strategy": None}, "placement_strategy", "None", "'STRICT_SPREAD'"),
-    ({"precision": None}, "precision", "None", "'32-true'"),
     ({"gradient_clip_algorithm": "max"}, "gradient_clip_algorithm", "'max'", "'norm' or 'value'"),
     ({"collective_timeout_s": 0}, "collective_timeout_s", "0", "positive number of seconds"),
     ({"resource_wait_s": float("inf")}, "resource_wait_s", "inf", "positive number of seconds"),
@@ -105,6 +104,103 @@ def test_unknown_argument_without_close_match_lists_valid_names():
     message = _problems(zzz_qqq=1)
     assert "unknown Trainer argument 'zzz_qqq'" in message
     assert "max_epochs" in message and "num_workers" in message
+
+
+# Lightning Trainer arguments raylight lacks: each message says so and gives the fix, never a raylight argument
+# with another meaning (difflib proposed num_nodes -> num_workers, max_time -> max_steps, ...).
+LIGHTNING_ONLY = [
+    ({"barebones": True}, "enable_progress_bar=False"),
+    ({"benchmark": True}, "torch.backends.cudnn.benchmark = True"),
+    ({"enable_autolog_hparams": False}, "save_hyperparameters(logger=False)"),
+    ({"inference_mode": False}, "torch.no_grad()"),
+    ({"max_time": "00:12:00:00"}, "max_epochs or max_steps"),
+    ({"model_registry": "my-model"}, "checkpoints"),
+    ({"overfit_batches": 10}, "limit_train_batches=N"),
+    ({"plugins": []}, "precision="),
+    ({"profiler": "simple"}, "torch.profiler"),
+    ({"reload_dataloaders_every_n_epochs": 1}, "once per fit"),
+    ({"sync_batchnorm": True}, "convert_sync_batchnorm"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "fix"), LIGHTNING_ONLY, ids=[next(iter(c[0])) for c in LIGHTNING_ONLY])
+def test_lightning_only_argument_is_named_unsupported_with_the_fix(kwargs, fix):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(SpecError) as info:
+        TrainerSpec.from_kwargs(**kwargs)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{name}: Lightning's Trainer argument {name!r} is not supported by raylight")
+    assert fix in problem and f"(got {value!r})" in problem
+    assert "did you mean" not in problem and "\n" not in problem
+
+
+def test_num_nodes_1_and_enable_model_summary_are_accepted_and_change_nothing():
+    default = TrainerSpec()
+    for kwargs in ({"num_nodes": 1}, {"enable_model_summary": False}, {"enable_model_summary": True},
+                   {"enable_model_summary": None}, {"num_nodes": 1, "enable_model_summary": False}):
+        spec = TrainerSpec.from_kwargs(**kwargs)
+        assert spec.num_workers == 0, "an in-process run stays in-process"
+        assert spec.to_run_config("/r") == default.to_run_config("/r"), kwargs
+        assert TrainerSpec.from_json(spec.to_json()) == spec
+    assert TrainerSpec.from_kwargs(num_nodes=1, num_workers=4).num_workers == 4
+    assert "enable_model_summary:" in _problems(enable_model_summary="yes")
+
+
+def test_num_nodes_above_1_explains_that_ray_places_num_workers():
+    (problem,) = _problems_list(num_nodes=2)
+    assert problem.startswith("num_nodes: ") and problem.endswith("(got 2)")
+    assert "Ray places the num_workers workers across the cluster's nodes" in problem
+    assert "num_workers=<total workers>" in problem and "did you mean" not in problem
+
+
+def _problems_list(**kwargs) -> tuple[str, ...]:
+    with pytest.raises(SpecError) as info:
+        TrainerSpec.from_kwargs(**kwargs)
+    return info.value.problems
+
+
+# Lightning 2.6.6's signature defaults each of these to None and resolves it to these values
+# (pl.Trainer(**{name: None}) gives precision '32-true', log_every_n_steps 50, ...).
+NONE_MEANS_DEFAULT = {
+    "precision": "32-true",
+    "log_every_n_steps": 50,
+    "num_sanity_val_steps": 2,
+    "limit_train_batches": 1.0,
+    "limit_val_batches": 1.0,
+    "limit_test_batches": 1.0,
+    "limit_predict_batches": 1.0,
+    "val_check_interval": 1.0,
+    "enable_checkpointing": True,
+    "enable_progress_bar": True,
+    # Lightning's None leaves torch.use_deterministic_algorithms alone; raylight's False does not touch it either.
+    "deterministic": False,
+}
+
+
+@pytest.mark.parametrize(("name", "resolved"), NONE_MEANS_DEFAULT.items(), ids=list(NONE_MEANS_DEFAULT))
+def test_explicit_none_means_lightnings_default(name, resolved):
+    spec = TrainerSpec.from_kwargs(**{name: None})
+    assert getattr(spec, name) == resolved and type(getattr(spec, name)) is type(resolved)
+    assert spec == TrainerSpec()
+    assert TrainerSpec.from_json(f'{{"{name}": null}}') == TrainerSpec()
+
+
+def test_all_nones_together_run_as_the_defaults():
+    spec = TrainerSpec.from_kwargs(**dict.fromkeys(NONE_MEANS_DEFAULT), max_epochs=None, gradient_clip_val=None)
+    assert spec.to_run_config("/r") == TrainerSpec().to_run_config("/r")
+
+
+@pytest.mark.parametrize("interval", ["00:00:10:00", timedelta(minutes=10), {"minutes": 10}], ids=["str", "td", "dict"])
+def test_time_based_val_check_interval_is_refused_as_unsupported(interval):
+    (problem,) = _problems_list(val_check_interval=interval)
+    assert problem.startswith("val_check_interval: Lightning's time-based val_check_interval is not supported")
+    assert f"(got {interval!r})" in problem and "int >= 1" in problem
+
+
+def test_real_typos_still_get_the_closest_name():
+    assert "'enable_progress_bars' (did you mean 'enable_progress_bar'?)" in _problems(enable_progress_bars=False)
+    assert "'num_worker' (did you mean 'num_workers'?)" in _problems(num_worker=2)
+    assert "'max_epoch' (did you mean 'max_epochs'?)" in _problems(max_epoch=3)
 
 
 def test_all_problems_are_reported_together():
