@@ -191,8 +191,9 @@ class TrainerSpec(BaseModel):
     discriminator with separate backward passes needs it, as in Lightning).
 
     Lightning aliases: ``accelerator="gpu"``/``"cuda"`` means ``use_gpu=True``
-    (``"auto"`` leaves ``use_gpu`` as given: the driver cannot see the
-    workers' devices); ``devices=N`` means ``num_workers=N`` unless
+    (``"auto"`` leaves ``use_gpu`` as given, since the driver cannot see the
+    workers' devices; with ``num_workers=0`` it uses this machine's GPU when
+    there is one, as in Lightning); ``devices=N`` means ``num_workers=N`` unless
     ``num_workers`` is also given, in which case the two must agree.
 
     ``precision`` is stored in its canonical form (``32`` -> ``"32-true"``,
@@ -574,6 +575,16 @@ class TrainerSpec(BaseModel):
 
     # ------------------------------------------------------------ for runtime
 
+    def _auto_picks_this_gpu(self) -> bool:
+        """``accelerator="auto"`` in the driver process (``num_workers=0``) uses this machine's GPU when it has one,
+        as Lightning's does. Ray workers use GPUs only with ``use_gpu=True``: the driver cannot see their devices.
+        """
+        if self.accelerator != "auto" or self.num_workers > 0:
+            return False
+        import torch
+
+        return torch.cuda.is_available()
+
     def to_run_config(self, default_root_dir: str) -> RunConfig:
         """The runtime's loop settings, with ``default_root_dir`` set to the run directory ``default_root_dir``."""
         return RunConfig(
@@ -597,7 +608,7 @@ class TrainerSpec(BaseModel):
             enable_checkpointing=self.enable_checkpointing,
             fast_dev_run=int(self.fast_dev_run),  # True -> 1 batch, False -> 0 (off)
             use_distributed_sampler=self.use_distributed_sampler,
-            accelerator="gpu" if self.use_gpu else "cpu",
+            accelerator="gpu" if self.use_gpu or self._auto_picks_this_gpu() else "cpu",
             find_unused_parameters=self.strategy == "ddp_find_unused_parameters_true",
             default_root_dir=default_root_dir,
             detect_anomaly=self.detect_anomaly,

@@ -472,3 +472,15 @@ def test_new_run_name_format():
     assert re.fullmatch(r"run-20240506-070809-[0-9a-f]{4}", name)
     assert TrainerSpec.from_kwargs(run_name=name).run_name == name  # a valid run_name
     assert re.fullmatch(r"run-\d{8}-\d{6}-[0-9a-f]{4}", new_run_name())
+
+
+@pytest.mark.parametrize("has_gpu", [True, False])
+def test_accelerator_auto_in_the_driver_process_uses_its_gpu_when_it_has_one(monkeypatch, has_gpu):
+    # The machine's answer is stubbed: the choice is what is tested here (the GPU runs are tests/runtime's CUDA tests).
+    monkeypatch.setattr("torch.cuda.is_available", lambda: has_gpu)
+    in_process = TrainerSpec.from_kwargs().to_run_config("/tmp/run")
+    assert in_process.accelerator == ("gpu" if has_gpu else "cpu")
+    assert TrainerSpec.from_kwargs(accelerator="cpu").to_run_config("/tmp/run").accelerator == "cpu"
+    # Ray workers' devices are not the driver's: they use GPUs with use_gpu=True only.
+    assert TrainerSpec.from_kwargs(num_workers=2).to_run_config("/tmp/run").accelerator == "cpu"
+    assert TrainerSpec.from_kwargs(num_workers=2, use_gpu=True).to_run_config("/tmp/run").accelerator == "gpu"

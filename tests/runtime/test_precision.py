@@ -80,6 +80,8 @@ def _fit(tmp_path, precision: str, device: str, loader: DataLoader, **trainer_kw
     )
     if device == "cuda":
         args["use_gpu"] = True
+    else:
+        args["accelerator"] = "cpu"  # on a GPU machine accelerator="auto" would take the GPU
     args.update(trainer_kwargs)
     trainer = Trainer(**args)
     trainer.fit(model, loader)
