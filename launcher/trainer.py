@@ -192,6 +192,7 @@ class Trainer:
             "num_training_batches",
             "num_val_batches",
             "num_sanity_val_batches",
+            "num_sanity_val_steps",
             "num_test_batches",
             "num_predict_batches",
             "predict_loop",

@@ -207,6 +207,11 @@ class Engine:
         return self.config.effective_max_steps
 
     @property
+    def num_sanity_val_steps(self) -> int | float:
+        steps = self.config.num_sanity_val_steps
+        return math.inf if steps == -1 else steps  # -1: every validation batch, as Lightning reports it
+
+    @property
     def min_epochs(self) -> int:
         return self.config.min_epochs or 0
 

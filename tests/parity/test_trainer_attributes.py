@@ -40,7 +40,7 @@ IN_TRAINING_STEP = (
 )
 IN_VALIDATION_STEP = (
     "current_epoch", "global_step", "sanity_checking", "training", "validating", "num_val_batches",
-    "num_sanity_val_batches",
+    "num_sanity_val_batches", "num_sanity_val_steps",
 )
 # What a script commonly reads from its Trainer after fit (besides the metrics and counters tested elsewhere).
 AFTER_FIT = (
