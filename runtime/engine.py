@@ -932,15 +932,18 @@ class Engine:
             config.scheduler.load_state_dict(state)
         if "MixedPrecision" in checkpoint:
             self.precision_plugin.load_state_dict(checkpoint["MixedPrecision"])
-        callback_states = checkpoint.get("callbacks", {})
-        for cb in self.callbacks:
-            if cb.state_key in callback_states:
-                cb.load_state_dict(callback_states[cb.state_key])
-            cb.on_load_checkpoint(self, self.lightning_module, checkpoint)
+        # Lightning's order: the datamodule's state, then every callback's on_load_checkpoint, then every
+        # callback's own state.
         if self.datamodule is not None:
             dm_state = checkpoint.get("datamodule", {}).get(type(self.datamodule).__qualname__)
             if dm_state is not None:
                 self.datamodule.load_state_dict(dm_state)
+        for cb in self.callbacks:
+            cb.on_load_checkpoint(self, self.lightning_module, checkpoint)
+        callback_states = checkpoint.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key in callback_states:
+                cb.load_state_dict(callback_states[cb.state_key])
         fit_state = checkpoint["loops"].get("fit_loop")
         if fit_state:
             self.fit_loop.load_state_dict(fit_state)

@@ -175,3 +175,56 @@ def test_hook_order_test_after_fit(tmp_path):
     expected = _record(PL, plm, "test", tmp_path / "test", {})
     actual = _record(RL, rlm, "test", tmp_path / "test", {})
     assert_same_sequence(expected, actual)
+
+
+class _StatefulCallback:
+    """Two of these, with state, record what restoring a checkpoint calls and in which order."""
+
+    def __init__(self, key: int) -> None:
+        super().__init__()
+        self.key = key
+
+    @property
+    def state_key(self):
+        return f"Stateful[{self.key}]"
+
+    def state_dict(self):
+        return {"key": self.key}
+
+    def load_state_dict(self, state):
+        CALLS.append(f"callback{self.key}.load_state_dict")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        CALLS.append(f"callback{self.key}.on_load_checkpoint")
+
+
+class _StatefulData:
+    def train_dataloader(self):
+        return loader(n=10)
+
+    def state_dict(self):
+        return {"seen": 1}
+
+    def load_state_dict(self, state):
+        CALLS.append("datamodule.load_state_dict")
+
+
+def test_restoring_a_checkpoint_calls_the_datamodule_then_callbacks_on_load_then_their_state(tmp_path):
+    sequences = {}
+    for side, model in zip((PL, RL), build_pair(Regressor)):
+        data = type(f"StatefulData_{side.name}", (_StatefulData, side.DataModule), {})()
+        callbacks = lambda: [callback_class(_StatefulCallback, side)(k) for k in (1, 2)]  # noqa: E731
+        first = side.trainer(str(tmp_path / side.name), max_epochs=1, callbacks=callbacks())
+        first.fit(model, datamodule=data)
+        path = str(tmp_path / side.name / "resume.ckpt")
+        first.save_checkpoint(path)
+        CALLS.clear()
+        side.trainer(str(tmp_path / side.name), max_epochs=2, callbacks=callbacks()).fit(
+            model, datamodule=data, ckpt_path=path
+        )
+        sequences[side.name] = list(CALLS)
+    assert sequences["lightning"] == [
+        "datamodule.load_state_dict", "callback1.on_load_checkpoint", "callback2.on_load_checkpoint",
+        "callback1.load_state_dict", "callback2.load_state_dict",
+    ]
+    assert sequences["raylight"] == sequences["lightning"]
