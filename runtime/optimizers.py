@@ -143,6 +143,12 @@ def scheduler_configs(
             config = LRSchedulerConfig(
                 raw, reduce_on_plateau=isinstance(raw, ReduceLROnPlateau), monitor=monitor
             )
+        if not (callable(getattr(config.scheduler, "state_dict", None)) and callable(getattr(config.scheduler, "load_state_dict", None))):
+            # Checked here, as in Lightning: otherwise the first checkpoint fails, an epoch or more into the run.
+            raise MisconfigurationError(
+                f"the lr scheduler {type(config.scheduler).__name__} has no state_dict()/load_state_dict(), so "
+                "checkpoints could not save or resume it; give it both (torch's LRScheduler classes have them)"
+            )
         if automatic and config.reduce_on_plateau and config.monitor is None:
             raise MisconfigurationError(
                 "a ReduceLROnPlateau scheduler needs the metric to watch: return "

@@ -191,6 +191,31 @@ def test_several_optimizers_with_automatic_optimization_point_to_manual_optimiza
     assert "self.automatic_optimization = False" in msg
 
 
+class _HalvingScheduler:
+    """A hand-written scheduler without state_dict()/load_state_dict()."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] /= 2
+
+
+class StatelessScheduler(Net):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        return {"optimizer": opt, "lr_scheduler": _HalvingScheduler(opt)}
+
+
+def test_a_scheduler_without_state_dict_is_refused_before_training_naming_it(tmp_path):
+    model = StatelessScheduler()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MisconfigurationError, match=r"_HalvingScheduler has no state_dict\(\)/load_state_dict\(\)"):
+        _trainer(tmp_path).fit(model, _loader())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "refused before any step"
+
+
 class Manual(Net):
     def __init__(self):
         super().__init__()
