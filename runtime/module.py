@@ -8,6 +8,7 @@ in before each hook, so ``self.log`` needs nothing global.
 from __future__ import annotations
 
 import copy
+import warnings
 import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -595,7 +596,15 @@ class LightningModule(nn.Module):
         model.on_load_checkpoint(checkpoint)
         if strict:
             check_state_dict_compatible(model.state_dict(), checkpoint["state_dict"], str(checkpoint_path))
-        model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        keys = model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        if not strict:
+            for what, names in (("not in the checkpoint", keys.missing_keys), ("not in the model", keys.unexpected_keys)):
+                if names:
+                    warnings.warn(
+                        f"load_from_checkpoint({str(checkpoint_path)!r}, strict=False): keys {what}, left as they "
+                        f"were: {names}",
+                        stacklevel=2,
+                    )
         if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
             model.to(map_location)
         return model

@@ -298,3 +298,19 @@ def _assert_model_checkpoint_parity(tmp_path, ckpt_args, trainer_args, per_valid
         assert (rl_best["epoch"], rl_best["global_step"]) == (pl_best["epoch"], pl_best["global_step"])
         for key in pl_best["state_dict"]:
             assert torch.allclose(pl_best["state_dict"][key], rl_best["state_dict"][key], atol=1e-6, rtol=0), key
+
+
+class HParamsWithExtraLayer(HParams):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.extra = torch.nn.Linear(2, 2)
+
+
+def test_load_from_checkpoint_not_strict_warns_about_the_keys_it_left(tmp_path):
+    body, kwargs = HPARAM_CASES["all-args"]
+    (_, plm, pl_ckpt, _), (_, rlm, rl_ckpt, _) = _fit_with_checkpoint(tmp_path, body, kwargs)
+    with pytest.warns(UserWarning, match=r"extra\.weight"):
+        module_class(HParamsWithExtraLayer, PL).load_from_checkpoint(pl_ckpt.last_model_path, strict=False)
+    with pytest.warns(UserWarning, match=r"strict=False\): keys not in the checkpoint.*'extra\.weight', 'extra\.bias'"):
+        loaded = module_class(HParamsWithExtraLayer, RL).load_from_checkpoint(rl_ckpt.last_model_path, strict=False)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rlm.state_dict().items())
