@@ -42,6 +42,34 @@ from runtime.strategy import Strategy
 CHECKPOINT_FORMAT = 1
 
 
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _batch_transfer_hooks(
+    module: LightningModule, datamodule: LightningDataModule | None
+) -> tuple[tuple[Callable[..., Any], ...], bool]:
+    """The three batch-transfer hooks to call, in order, and whether any of them is a user's override.
+
+    Each hook is taken from the datamodule where it overrides it, else from the module, as in Lightning; a hook
+    that both override runs the datamodule's only, so that case warns.
+    """
+    hooks, overridden = [], False
+    for name in _TRANSFER_HOOKS:
+        in_module = getattr(type(module), name) is not getattr(LightningModule, name)
+        in_datamodule = datamodule is not None and (
+            getattr(type(datamodule), name) is not getattr(LightningDataModule, name)
+        )
+        if in_module and in_datamodule:
+            warnings.warn(
+                f"both {type(module).__name__}.{name} and {type(datamodule).__name__}.{name} are defined; the "
+                f"datamodule's runs and the module's is ignored, as in Lightning. Keep one of them",
+                stacklevel=4,
+            )
+        hooks.append(getattr(datamodule, name) if in_datamodule else getattr(module, name))
+        overridden = overridden or in_module or in_datamodule
+    return tuple(hooks), overridden
+
+
 class _StepDispatcher(nn.Module):
     """Routes DDP's forward to ``training_step`` so DDP's gradient hooks see the real graph."""
 
@@ -148,7 +176,7 @@ class Engine:
     def is_last_batch(self) -> bool:
         """True while the training loop runs the last batch of its epoch."""
         loop = self.fit_loop
-        return loop is not None and loop.batch_idx + 1 >= self.num_training_batches
+        return loop is not None and loop.at_last_batch()
 
     @property
     def num_nodes(self) -> int:
@@ -419,15 +447,11 @@ class Engine:
         ]
         self.hooks = HookRunner(self)
         self._autocast = self.precision_plugin._autocast_dtype is not None
-        transfer_hooks = (
-            LightningModule.on_before_batch_transfer,
-            LightningModule.transfer_batch_to_device,
-            LightningModule.on_after_batch_transfer,
-        )
+        self._transfer_hooks, overridden = _batch_transfer_hooks(module, datamodule)
         self._plain_transfer = (
             self.strategy.root_device.type == "cpu"
             and self.config.precision in ("32-true", "16-mixed", "bf16-mixed")
-            and all(getattr(type(module), hook.__name__) is hook for hook in transfer_hooks)
+            and not overridden
         )
         self._wants_progress = getattr(self.metrics_sink, "wants_progress", True)
 
@@ -704,14 +728,14 @@ class Engine:
         return self.strategy.gather_packed if self.strategy.is_distributed else None
 
     def _prepare_batch(self, batch: Any, dataloader_idx: int) -> Any:
-        module = self.lightning_module
         if self._plain_transfer:
             # CPU, no dtype conversion, no transfer hooks: the batch is already where it must be.
             return batch
+        before, transfer, after = self._transfer_hooks
         batch = self.precision_plugin.convert_input(batch)
-        batch = module.on_before_batch_transfer(batch, dataloader_idx)
-        batch = module.transfer_batch_to_device(batch, self.strategy.root_device, dataloader_idx)
-        return module.on_after_batch_transfer(batch, dataloader_idx)
+        batch = before(batch, dataloader_idx)
+        batch = transfer(batch, self.strategy.root_device, dataloader_idx)
+        return after(batch, dataloader_idx)
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         args = (batch, batch_idx) if self._takes_batch_idx else (batch,)

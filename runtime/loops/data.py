@@ -9,8 +9,9 @@ sees exactly the batches the uninterrupted one would have seen.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -85,6 +86,65 @@ class ResumableBatchSampler(Sampler):
         sampler = getattr(self.batch_sampler, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+
+
+_END = object()
+
+
+class LookAhead:
+    """Iterates a loader one batch ahead, so that ``done`` says whether the batch just returned is the last one.
+
+    For a loader without a length the loop learns no other way that a batch ends the epoch, and validation,
+    epoch-interval schedulers and the last accumulation window all wait for that batch (Lightning's fetcher
+    looks ahead in the same way). Batch ``k + 1`` is fetched when batch ``k`` is returned, before its step.
+
+    ``agree(has_next)``, in a distributed run, returns whether every rank has a next batch: all ranks then end
+    the epoch at the same batch, the shortest rank's last, rather than one rank stepping on while the others
+    validate (a collective that the others never join, which hangs).
+
+    ``resumed``: the epoch's first batches were skipped before ``iterator`` (a resumed epoch), so ``done``
+    says at once whether the last of them ended the epoch.
+    """
+
+    def __init__(
+        self, iterator: Iterator[Any], agree: Callable[[bool], bool] | None = None, resumed: bool = False
+    ):
+        self._iterator: Iterator[Any] | None = iterator
+        self._agree = agree
+        self._pending: Any = _END
+        self._fetch()
+        # Before an epoch's first batch none is the last, even in an empty loader (as Lightning's is_last_batch).
+        self.done = resumed and self._pending is _END
+
+    def _fetch(self) -> None:
+        pending = next(self._iterator, _END)
+        has_next = pending is not _END
+        if self._agree is not None and not self._agree(has_next):  # a collective: every rank, every fetch
+            if has_next:
+                warnings.warn(
+                    "the training dataloader of this rank still has batches, but another rank's has run out; the "
+                    "epoch ends at the same batch on every rank, so this rank's remaining batches are skipped. "
+                    "Give every rank the same number of batches (split an IterableDataset evenly across ranks)",
+                    stacklevel=2,
+                )
+            pending = _END
+        self._pending = pending
+
+    def __iter__(self) -> "LookAhead":
+        return self
+
+    def __next__(self) -> Any:
+        batch = self._pending
+        if batch is _END:
+            raise StopIteration
+        self._fetch()
+        self.done = self._pending is _END
+        return batch
+
+    def close(self) -> None:
+        """Let go of the loader's iterator (and its worker processes); ``done`` keeps its value."""
+        self._iterator = None
+        self._pending = _END
 
 
 def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
@@ -178,7 +238,8 @@ def prepare_loader(
 
     resumable = ResumableBatchSampler(batch_sampler, record_indices=record_indices)
     rebuilt = DataLoader(loader.dataset, batch_sampler=resumable, **_loader_kwargs(loader))
-    return PreparedLoader(rebuilt, _limited(len(batch_sampler), limit, stage), resumable, distributed_sampler)
+    total = len(batch_sampler) if has_len(batch_sampler) else math.inf  # a sampler may have no length
+    return PreparedLoader(rebuilt, _limited(total, limit, stage), resumable, distributed_sampler)
 
 
 def _limited(total: int | float, limit: int | float, stage: str) -> int | float:

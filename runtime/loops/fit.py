@@ -3,7 +3,9 @@
 Order per batch (Lightning's): transfer -> on_train_batch_start -> optimize
 -> step-interval schedulers (and epoch-interval ones on the epoch's last
 batch) -> on_train_batch_end -> log -> validation if due -> plateau
-schedulers -> logger step counter. Per epoch: on_train_epoch_start ->
+schedulers -> logger step counter. A loader without a length is read one
+batch ahead (``LookAhead``), so that its epoch's last batch is known while it
+runs; a sized one needs no look-ahead. Per epoch: on_train_epoch_start ->
 batches -> on_train_epoch_end (callbacks, module, then checkpoint/early-stop
 callbacks) -> plateau epoch schedulers -> epoch metrics logged.
 
@@ -30,6 +32,7 @@ import torch
 
 from runtime.errors import WorldSizeChangedError
 from runtime.logging.collector import MetricCollector
+from runtime.loops.data import LookAhead, PreparedLoader
 from runtime.seed import capture_rng_state, restore_rng_state
 from runtime.state import RunningStage
 
@@ -49,6 +52,7 @@ class FitLoop:
         self.epoch_start_rng: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self.skip_val_at_restore = False
+        self.look_ahead: LookAhead | None = None  # this epoch's, when the loader has no length
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -147,6 +151,12 @@ class FitLoop:
         met_min_steps = engine.global_step >= engine.min_steps if engine.min_steps else True
         return met_min_epochs and met_min_steps
 
+    def at_last_batch(self) -> bool:
+        """Whether the batch at ``batch_idx`` is its epoch's last (``trainer.is_last_batch``)."""
+        if self.look_ahead is not None:
+            return self.look_ahead.done
+        return self.batch_idx + 1 >= self.engine.num_training_batches
+
     def _done(self) -> bool:
         engine = self.engine
         if self._max_steps_reached():
@@ -194,9 +204,7 @@ class FitLoop:
             self.position = "epoch_start"
             hooks.on_train_epoch_start()
             self.epoch_start_rng = capture_rng_state()
-            if prepared.resumable is not None:
-                prepared.resumable.skip = 0
-            iterator = iter(prepared.loader)
+            iterator = self._epoch_batches(prepared, budget)
         else:
             # Replay the epoch's start: same RNG, same sampler permutation, then skip what was done.
             skip = int(restored["batches_done"])
@@ -205,15 +213,7 @@ class FitLoop:
             self.epoch_start_rng = restored["epoch_start_rng"] or capture_rng_state()
             current_rng = capture_rng_state()
             restore_rng_state(self.epoch_start_rng)
-            if prepared.resumable is not None:
-                prepared.resumable.skip = skip
-                iterator = iter(prepared.loader)
-                if prepared.resumable.current is not None:
-                    prepared.resumable.current.materialize()
-            else:
-                iterator = iter(prepared.loader)
-                for _ in range(skip):
-                    next(iterator, None)
+            iterator = self._epoch_batches(prepared, budget, skip=skip)
             restore_rng_state(current_rng)
             self._finish_batch_tail(self.batch_idx, restored["position"], budget)
 
@@ -228,6 +228,7 @@ class FitLoop:
         probe = engine._preemption_probe
         distributed = engine.strategy.is_distributed
         any_batch_start, any_batch_end = hooks.any_train_batch_start, hooks.any_train_batch_end
+        ahead = self.look_ahead
         while not self._batch_loop_done(batch_idx, budget):
             try:
                 batch = next(iterator)
@@ -236,7 +237,7 @@ class FitLoop:
             batch_idx += 1
             self.batch_idx = batch_idx
             self.total_batch_idx += 1
-            is_last = batch_idx + 1 >= budget
+            is_last = batch_idx + 1 >= budget if ahead is None else ahead.done
             batch = engine._prepare_batch(batch, 0)
             collector.new_batch(batch)
             if any_batch_start and hooks.on_train_batch_start(batch, batch_idx) == -1:
@@ -270,7 +271,33 @@ class FitLoop:
                 # from it on the remaining or replacement nodes.
                 engine._save_preemption_checkpoint()
         del iterator
+        if ahead is not None:
+            ahead.close()  # the loader's iterator ends here (its workers too), as it does without a look-ahead
         self._finish_epoch(resume_after_callbacks=False)
+
+    def _epoch_batches(self, prepared: PreparedLoader, budget: int | float, skip: int = 0) -> Iterator[Any]:
+        """The epoch's batches after the first ``skip`` (a resumed epoch's), one ahead when their number is unknown.
+
+        A resumed epoch fetches its look-ahead batch here too, under the epoch's starting RNG state as the
+        skipped batches were, so that the batch the interrupted run had fetched is fetched again.
+        """
+        if prepared.resumable is not None:
+            prepared.resumable.skip = skip
+            iterator = iter(prepared.loader)
+            if prepared.resumable.current is not None:
+                # The sampler draws its permutation now, under the RNG state the caller set (a fresh epoch
+                # draws it at its first batch otherwise, from the same state: nothing runs in between).
+                prepared.resumable.current.materialize()
+        else:
+            iterator = iter(prepared.loader)
+            for _ in range(skip):
+                next(iterator, None)
+        self.look_ahead = None
+        if budget == math.inf:
+            strategy = self.engine.strategy
+            agree = strategy.reduce_boolean_decision if strategy.is_distributed else None
+            iterator = self.look_ahead = LookAhead(iterator, agree, resumed=skip > 0)
+        return iterator
 
     def _logger_step_due(self) -> bool:
         """Whether the logger writes this optimizer step's values (``log_every_n_steps``)."""
@@ -317,7 +344,7 @@ class FitLoop:
         engine = self.engine
         module = engine.lightning_module
         if is_last is None:
-            is_last = batch_idx + 1 >= budget
+            is_last = self.at_last_batch()
         if should_accumulate is None:
             should_accumulate = module.automatic_optimization and self.should_accumulate(batch_idx, is_last)
         if position == "batch_end":
