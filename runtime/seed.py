@@ -11,6 +11,7 @@ into a checkpoint that loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import operator
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
+__all__ = ["capture_rng_state", "restore_rng_state", "seed_dataloader_worker", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,30 @@ def seed_everything(seed: int | None = None, workers: bool = False, verbose: boo
     # initialise CUDA in a process that never uses it).
     torch.manual_seed(seed)
     return seed
+
+
+def seeds_workers() -> bool:
+    """Whether ``seed_everything(workers=True)`` asked for DataLoader workers to be seeded (in this process or
+    the driver that started it: the variable travels to Ray workers with the job's seeding)."""
+    return os.environ.get(SEED_WORKERS_ENV) == "1"
+
+
+def seed_dataloader_worker(worker_id: int, rank: int = 0) -> None:
+    """The ``worker_init_fn`` given to DataLoaders after ``seed_everything(workers=True)``.
+
+    Seeds torch, Python's ``random`` and NumPy in each worker process from the loader's base seed (drawn
+    from the seeded generator when its iterator starts), the worker's id and the rank. torch alone seeds
+    each worker from the base seed and its id, and every DDP rank draws the same base seed, so without the
+    rank the ranks' workers would draw the same augmentations; a rerun with the same seed draws the same.
+    """
+    base = torch.initial_seed() - worker_id  # torch starts worker i from base + i
+    digest = hashlib.sha256(f"{base}:{worker_id}:{rank}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") % (MAX_SEED + 1)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np = _numpy_or_none()
+    if np is not None:
+        np.random.seed(seed)
 
 
 def _as_int(seed: Any) -> int:

@@ -8,6 +8,7 @@ sees exactly the batches the uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from runtime.errors import MisconfigurationError
+from runtime.seed import seed_dataloader_worker, seeds_workers
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -147,13 +149,20 @@ class LookAhead:
         self._pending = _END
 
 
-def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+def _worker_init_fn(loader: DataLoader, rank: int) -> Any:
+    """The loader's own worker_init_fn, or after seed_everything(workers=True) one that seeds each worker."""
+    if loader.worker_init_fn is None and loader.num_workers > 0 and seeds_workers():
+        return functools.partial(seed_dataloader_worker, rank=rank)
+    return loader.worker_init_fn
+
+
+def _loader_kwargs(loader: DataLoader, rank: int) -> dict[str, Any]:
     kwargs = dict(
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
         timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
+        worker_init_fn=_worker_init_fn(loader, rank),
         multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator,
         persistent_workers=loader.persistent_workers,
@@ -216,6 +225,8 @@ def prepare_loader(
         return PreparedLoader(loader, _limited(total, limit, stage))
 
     if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        # Used as given (no sampler to wrap); only the worker seeding is added, on the loader itself.
+        loader.worker_init_fn = _worker_init_fn(loader, rank)
         total = len(loader) if has_len(loader) else math.inf
         return PreparedLoader(loader, _limited(total, limit, stage))
 
@@ -237,7 +248,7 @@ def prepare_loader(
         distributed_sampler = loader.sampler
 
     resumable = ResumableBatchSampler(batch_sampler, record_indices=record_indices)
-    rebuilt = DataLoader(loader.dataset, batch_sampler=resumable, **_loader_kwargs(loader))
+    rebuilt = DataLoader(loader.dataset, batch_sampler=resumable, **_loader_kwargs(loader, rank))
     total = len(batch_sampler) if has_len(batch_sampler) else math.inf  # a sampler may have no length
     return PreparedLoader(rebuilt, _limited(total, limit, stage), resumable, distributed_sampler)
 

@@ -177,3 +177,65 @@ def test_restore_only_touches_generators_in_the_state():
 def test_malformed_state_is_a_clear_error(state, match):
     with pytest.raises(ValueError, match=match):
         restore_rng_state(state)
+
+
+# ---------------------------------------------------------------------------
+# seed_everything(workers=True): DataLoader worker processes
+# ---------------------------------------------------------------------------
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each sample is what the worker's global generators give: NumPy, Python's random, torch."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.tensor([float(np.random.rand()), random.random(), float(torch.rand(1))], dtype=torch.float64)
+
+
+class _Recorder(__import__("runtime").LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.seen: list[list[float]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].tolist())  # the first sample of each batch: one per worker and batch
+        return self.layer(batch.float()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit_drawing_in_workers(tmp_path, workers: bool) -> list[list[float]]:
+    from launcher import Trainer
+
+    seed_everything(42, workers=workers, verbose=False)
+    model = _Recorder()
+    trainer = Trainer(num_workers=0, max_epochs=1, default_root_dir=str(tmp_path), logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False)
+    loader = torch.utils.data.DataLoader(_Draws(), batch_size=2, num_workers=2, multiprocessing_context="fork")
+    trainer.fit(model, loader)
+    return model.seen
+
+
+def test_workers_true_seeds_each_dataloader_worker_for_its_rank_and_a_rerun_draws_the_same(tmp_path):
+    # torch already gives each worker of one process its own numbers; across DDP ranks, though, every rank
+    # draws the same base seed, so without the rank in the seed all ranks would draw the same augmentations.
+    plain = _fit_drawing_in_workers(tmp_path / "a", workers=False)
+    seeded = _fit_drawing_in_workers(tmp_path / "b", workers=True)
+    assert seeded != plain, "the workers were seeded by raylight's worker_init_fn"
+    assert seeded[0] != seeded[1], "workers 0 and 1 draw different numbers"
+    assert _fit_drawing_in_workers(tmp_path / "c", workers=True) == seeded, "a rerun draws the same numbers"
+
+
+def test_the_worker_seed_depends_on_the_rank():
+    from runtime.seed import seed_dataloader_worker
+
+    numbers = []
+    for rank in (0, 1):
+        torch.manual_seed(1000 + 1)  # what torch gives worker 1 of a loader whose base seed is 1000
+        seed_dataloader_worker(1, rank=rank)
+        numbers.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert all(a != b for a, b in zip(*numbers)), numbers
