@@ -23,10 +23,13 @@ def test_accumulate_grad_batches_with_epoch_not_divisible(tmp_path):
     assert_fit_parity(pl_run, rl_run)
 
 
+# The second body overrides configure_gradient_clipping with the usual self.clip_gradients(optimizer): the
+# Trainer's value and algorithm apply there too.
+@pytest.mark.parametrize("body", ["Regressor", "ClipsWithTheTrainersSettings"])
 @pytest.mark.parametrize("algorithm, value", [("norm", 0.05), ("value", 0.01)])
-def test_gradient_clipping(tmp_path, algorithm, value):
+def test_gradient_clipping(tmp_path, algorithm, value, body):
     pl_run, rl_run = run_both(
-        Regressor,
+        globals()[body],
         tmp_path=tmp_path,
         init_args={"lr": 0.5},
         trainer_args=dict(max_epochs=2, gradient_clip_val=value, gradient_clip_algorithm=algorithm),
@@ -145,17 +148,6 @@ class ClipsWithTheTrainersSettings(Regressor):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.global_step % 2 == 0:
             self.clip_gradients(optimizer)
-
-
-@pytest.mark.parametrize("algorithm, value", [("norm", 0.05), ("value", 0.01)])
-def test_clip_gradients_without_arguments_uses_the_trainers_settings(tmp_path, algorithm, value):
-    pl_run, rl_run = run_both(
-        ClipsWithTheTrainersSettings,
-        tmp_path=tmp_path,
-        init_args={"lr": 0.5},
-        trainer_args=dict(max_epochs=2, gradient_clip_val=value, gradient_clip_algorithm=algorithm),
-    )
-    assert_fit_parity(pl_run, rl_run)
 
 
 def test_clip_gradients_with_a_value_other_than_the_trainers_is_refused_naming_both(tmp_path):
