@@ -120,8 +120,8 @@ def test_metric_step_and_epoch_values_in_training_step(tmp_path):
     assert_metrics_reset(rl_run)
 
 
-class UpdateWithoutForward(Regressor):
-    """on_step=True, but only update() runs: there is no forward() value to log per step."""
+class _LogsAnMAE(Regressor):
+    """training_step hands this step's predictions to ``log_mae``, which the bodies below write."""
 
     def __init__(self):
         super().__init__()
@@ -130,9 +130,16 @@ class UpdateWithoutForward(Regressor):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = super().training_step(batch, batch_idx)
-        self.mae.update(self(x).detach(), y)
-        self.log("mae", self.mae, on_step=True, on_epoch=True)
+        self.log_mae(self(x).detach(), y)
         return loss
+
+
+class UpdateWithoutForward(_LogsAnMAE):
+    """on_step=True, but only update() runs: there is no forward() value to log per step."""
+
+    def log_mae(self, preds, y):
+        self.mae.update(preds, y)
+        self.log("mae", self.mae, on_step=True, on_epoch=True)
 
 
 def test_metric_updated_without_forward_logs_only_its_epoch_value(tmp_path):
@@ -143,18 +150,11 @@ def test_metric_updated_without_forward_logs_only_its_epoch_value(tmp_path):
     assert "mae_step" not in rl_run.trainer.logged_metrics and "mae_epoch" in rl_run.trainer.logged_metrics
 
 
-class OneMetricTwoNames(Regressor):
-    def __init__(self):
-        super().__init__()
-        self.mae = torchmetrics.MeanAbsoluteError()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = super().training_step(batch, batch_idx)
-        self.mae(self(x).detach(), y)
+class OneMetricTwoNames(_LogsAnMAE):
+    def log_mae(self, preds, y):
+        self.mae(preds, y)
         self.log("mae_a", self.mae, on_step=True, on_epoch=True)
         self.log("mae_b", self.mae, on_step=True, on_epoch=True)
-        return loss
 
 
 def test_one_metric_logged_under_two_names_gives_both_the_same_values(tmp_path):
