@@ -1,6 +1,6 @@
 """Preemption and resume, on a laptop: kill a training run's driver part-way, finish it, check the weights.
 
-    python examples/preemption_resume.py                        # the walkthrough, in-process runs: ~40 s
+    python examples/preemption_resume.py                        # the walkthrough, in-process runs: ~20 s
     python examples/preemption_resume.py --resume-with fit      # finish with fit(ckpt_path="last") instead
     python examples/preemption_resume.py --num-workers 2        # each run on a local Ray, 2 workers: ~3 min
     python examples/preemption_resume.py --num-workers 2 --address auto   # on a running Ray cluster
