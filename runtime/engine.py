@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from runtime.callbacks.base import Callback
 from runtime.callbacks.early_stopping import EarlyStopping
 from runtime.callbacks.model_checkpoint import ModelCheckpoint
-from runtime.checkpoint.io import check_state_dict_compatible, load_checkpoint, required_keys
+from runtime.checkpoint.io import CheckpointError, check_state_dict_compatible, load_checkpoint, required_keys
 from runtime.config import RunConfig
 from runtime.datamodule import LightningDataModule
 from runtime.errors import MisconfigurationError, NonFiniteLossError
@@ -40,6 +40,10 @@ from runtime.state import RunningStage, TrainerFn, TrainerState
 from runtime.strategy import Strategy
 
 CHECKPOINT_FORMAT = 1
+# The Lightning release whose checkpoint keys raylight's follow. Written as "pytorch-lightning_version", which
+# Lightning's loader requires: its load_from_checkpoint then reads a raylight checkpoint's weights and
+# hyperparameters. The loop state ("loops") is raylight's own, so neither side resumes the other's training.
+LIGHTNING_CHECKPOINT_VERSION = "2.6.6"
 
 
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
@@ -889,6 +893,7 @@ class Engine:
             "epoch": self.current_epoch,
             "global_step": self.global_step,
             "raylight_checkpoint_format": CHECKPOINT_FORMAT,
+            "pytorch-lightning_version": LIGHTNING_CHECKPOINT_VERSION,
             "state_dict": module.state_dict(),
             "loops": {"fit_loop": self.fit_loop.state_dict()} if self.fit_loop is not None else {},
         }
@@ -938,6 +943,12 @@ class Engine:
     def _restore_training_state(self, checkpoint: dict[str, Any]) -> None:
         source = getattr(self, "_ckpt_source", "<checkpoint>")
         required_keys(checkpoint, ["optimizer_states", "loops"], source)
+        if "raylight_checkpoint_format" not in checkpoint and "pytorch-lightning_version" in checkpoint:
+            raise CheckpointError(
+                f"{source} was written by Lightning {checkpoint['pytorch-lightning_version']}: its weights load, but "
+                "its training-loop state has Lightning's layout, so raylight cannot resume training from it. Load "
+                "the weights with YourModule.load_from_checkpoint(path) and start a new fit"
+            )
         states = checkpoint["optimizer_states"]
         if len(states) != len(self.optimizers):
             raise MisconfigurationError(

@@ -12,6 +12,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from runtime.checkpoint.io import CheckpointError
 from tests.parity.bodies import Regressor
 from tests.parity.harness import (
     PL,
@@ -314,3 +315,17 @@ def test_load_from_checkpoint_not_strict_warns_about_the_keys_it_left(tmp_path):
     with pytest.warns(UserWarning, match=r"strict=False\): keys not in the checkpoint.*'extra\.weight', 'extra\.bias'"):
         loaded = module_class(HParamsWithExtraLayer, RL).load_from_checkpoint(rl_ckpt.last_model_path, strict=False)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rlm.state_dict().items())
+
+
+def test_lightning_loads_a_raylight_checkpoint_and_raylight_refuses_to_resume_a_lightning_one(tmp_path):
+    body, kwargs = HPARAM_CASES["all-args"]
+    (pl_trainer, plm, pl_ckpt, _), (_, rlm, rl_ckpt, _) = _fit_with_checkpoint(tmp_path, body, kwargs)
+    # Lightning's loader reads raylight's checkpoint: the same hyperparameters and weights.
+    by_lightning = module_class(body, PL).load_from_checkpoint(rl_ckpt.last_model_path, weights_only=True)
+    assert dict(by_lightning.hparams) == dict(rlm.hparams)
+    assert_same_weights(by_lightning, rlm)
+    # Lightning's loop state has another layout: resuming from it is refused with what to do instead.
+    resumed = module_class(body, RL)(**kwargs)
+    trainer = RL.trainer(str(tmp_path / "resume"), max_epochs=3)
+    with pytest.raises(CheckpointError, match=r"written by Lightning 2\.6\.\d+.*load_from_checkpoint"):
+        trainer.fit(resumed, **_train_val(), ckpt_path=pl_ckpt.last_model_path)
