@@ -86,14 +86,22 @@ class RunDir:
 
     def newest_checkpoint(self) -> str | None:
         """The most recently written ``checkpoints/*.ckpt`` (hidden, half-written files excluded)."""
-        candidates = glob.glob(os.path.join(self.checkpoint_dir, "*.ckpt"))
-        return max(candidates, key=os.path.getmtime) if candidates else None
+        return newest(glob.glob(os.path.join(self.checkpoint_dir, "*.ckpt")))
 
 
 def find_last_checkpoint(root: str) -> str | None:
     """The newest ``<root>/<run>/checkpoints/last.ckpt``, for ``ckpt_path="last"`` without a run_name."""
-    candidates = glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt"))
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    return newest(glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt")))
+
+
+def newest(paths: list[str]) -> str | None:
+    """The most recently modified of ``paths``; None when there are none."""
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def end_status(err: BaseException) -> str:
+    """The status a run that stopped with ``err`` ends with: "interrupted" for Ctrl-C, else "failed"."""
+    return "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
 
 
 def _alive(pid: Any) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from launcher.loggers import TensorBoardLogger
 from launcher.progress import ProgressBar
-from launcher.run_dir import RunDir, find_last_checkpoint
+from launcher.run_dir import RunDir, end_status, find_last_checkpoint, newest
 from launcher.submit import SUBMISSION_ENV, publish_run_dir
 from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
@@ -81,7 +81,7 @@ class Trainer:
                     val_dataloaders=val_dataloaders, datamodule=datamodule, resume_step=resume_step, payload=payload,
                 )
             except BaseException as err:
-                self._finish(self._engine, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+                self._finish(self._engine, end_status(err))
                 raise
             self._finish(self._engine, "finished")
             return
@@ -454,17 +454,16 @@ class Trainer:
         ]
         for directory in own_dirs:
             places += glob.glob(os.path.join(directory, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*.ckpt"))
-        found = [path for path in places if os.path.isfile(path)]
-        if found:
-            return max(found, key=os.path.getmtime)
-        if self.spec.run_name is None and not own_dirs:
-            newest = find_last_checkpoint(os.path.dirname(self.run_dir.path))
-            if newest is not None:
-                # Continue in the run that wrote it, so its logs and checkpoints stay together.
-                self.run_dir = RunDir(os.path.dirname(os.path.dirname(newest)))
-                return newest
+        found = newest([path for path in places if os.path.isfile(path)])
+        if found is not None:
+            return found
         searched = [self.run_dir.checkpoint_dir, *own_dirs]
         if self.spec.run_name is None and not own_dirs:
+            other_run = find_last_checkpoint(os.path.dirname(self.run_dir.path))
+            if other_run is not None:
+                # Continue in the run that wrote it, so its logs and checkpoints stay together.
+                self.run_dir = RunDir(os.path.dirname(os.path.dirname(other_run)))
+                return other_run
             searched.append(f"any run under {os.path.dirname(self.run_dir.path)}")
         warnings.warn(
             f'ckpt_path="last": no last checkpoint in {", ".join(searched)}, so none is loaded (fit starts from '
@@ -502,7 +501,7 @@ class Trainer:
             yield
         except BaseException as err:
             if create:
-                self.run_dir.write_status("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+                self.run_dir.write_status(end_status(err))
             raise
         if create:
             self.run_dir.write_status("finished")

@@ -28,7 +28,7 @@ from runtime.hparams import checkpointable_hparams, hparams_for_loggers
 from runtime.loops.data import PreparedLoader, as_loader_list, prepare_loader
 from runtime.loops.evaluation import EvaluationLoop
 from runtime.loops.fit import FitLoop
-from runtime.loops.hooks import HookRunner
+from runtime.loops.hooks import HookRunner, batch_transfer_hooks
 from runtime.loops.optimization import AutomaticOptimization, ManualOptimization, OptimizerWrapper
 from runtime.loops.prediction import PredictionLoop
 from runtime.module import LightningModule
@@ -44,34 +44,6 @@ CHECKPOINT_FORMAT = 1
 # Lightning's loader requires: its load_from_checkpoint then reads a raylight checkpoint's weights and
 # hyperparameters. The loop state ("loops") is raylight's own, so neither side resumes the other's training.
 LIGHTNING_CHECKPOINT_VERSION = "2.6.6"
-
-
-_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-
-
-def _batch_transfer_hooks(
-    module: LightningModule, datamodule: LightningDataModule | None
-) -> tuple[tuple[Callable[..., Any], ...], bool]:
-    """The three batch-transfer hooks to call, in order, and whether any of them is a user's override.
-
-    Each hook is taken from the datamodule where it overrides it, else from the module, as in Lightning; a hook
-    that both override runs the datamodule's only, so that case warns.
-    """
-    hooks, overridden = [], False
-    for name in _TRANSFER_HOOKS:
-        in_module = getattr(type(module), name) is not getattr(LightningModule, name)
-        in_datamodule = datamodule is not None and (
-            getattr(type(datamodule), name) is not getattr(LightningDataModule, name)
-        )
-        if in_module and in_datamodule:
-            warnings.warn(
-                f"both {type(module).__name__}.{name} and {type(datamodule).__name__}.{name} are defined; the "
-                f"datamodule's runs and the module's is ignored, as in Lightning. Keep one of them",
-                stacklevel=4,
-            )
-        hooks.append(getattr(datamodule, name) if in_datamodule else getattr(module, name))
-        overridden = overridden or in_module or in_datamodule
-    return tuple(hooks), overridden
 
 
 class _StepDispatcher(nn.Module):
@@ -451,7 +423,7 @@ class Engine:
         ]
         self.hooks = HookRunner(self)
         self._autocast = self.precision_plugin._autocast_dtype is not None
-        self._transfer_hooks, overridden = _batch_transfer_hooks(module, datamodule)
+        self._transfer_hooks, overridden = batch_transfer_hooks(module, datamodule)
         self._plain_transfer = (
             self.strategy.root_device.type == "cpu"
             and self.config.precision in ("32-true", "16-mixed", "bf16-mixed")

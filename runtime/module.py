@@ -8,8 +8,8 @@ in before each hook, so ``self.log`` needs nothing global.
 from __future__ import annotations
 
 import copy
-import warnings
 import inspect
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -188,8 +188,7 @@ class LightningModule(nn.Module):
 
         ``dictionary`` may be a torchmetrics ``MetricCollection``: each Metric is logged under its name.
         """
-        items = dictionary.items() if type(dictionary) is dict else metric_collection_items(dictionary)
-        for key, value in items:
+        for key, value in metric_collection_items(dictionary):
             self.log(
                 key,
                 value,

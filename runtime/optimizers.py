@@ -52,7 +52,7 @@ def _is_optimizer(obj: Any) -> bool:
     return isinstance(obj, Optimizer) or (hasattr(obj, "step") and hasattr(obj, "param_groups"))
 
 
-_SCHEDULER_KEYS = {f.name for f in fields(LRSchedulerConfig)} - {"reduce_on_plateau", "opt_idx"}
+_SCHEDULER_FIELDS = frozenset(f.name for f in fields(LRSchedulerConfig))  # the keys of a scheduler dict
 
 
 def _check_dict(conf: dict) -> None:
@@ -60,7 +60,7 @@ def _check_dict(conf: dict) -> None:
     extra = set(conf) - allowed
     if extra:
         # Lightning warns and goes on; a scheduler key here is usually meant for the 'lr_scheduler' dict.
-        misplaced = sorted(extra & _SCHEDULER_KEYS)
+        misplaced = sorted(extra & (_SCHEDULER_FIELDS - {"reduce_on_plateau", "opt_idx"}))
         hint = f"; {misplaced} belong inside the 'lr_scheduler' dict" if misplaced else ""
         warnings.warn(
             f"configure_optimizers() returned a dict with keys {sorted(extra)} that are ignored (allowed: "
@@ -110,7 +110,7 @@ def scheduler_configs(
     schedulers: list[Any], monitor: str | None, optimizers: list[Optimizer], automatic: bool
 ) -> list[LRSchedulerConfig]:
     """Validate each scheduler (dict or object) into an :class:`LRSchedulerConfig`."""
-    allowed = {f.name for f in fields(LRSchedulerConfig)}
+    allowed = _SCHEDULER_FIELDS
     configs: list[LRSchedulerConfig] = []
     for raw in schedulers:
         if isinstance(raw, dict):

@@ -89,6 +89,12 @@ def seed_everything(seed: int | None = None, workers: bool = False, verbose: boo
     # Environment first: anything started from here on inherits the seed.
     os.environ[SEED_ENV] = str(seed)
     os.environ[SEED_WORKERS_ENV] = "1" if workers else "0"
+    _seed_generators(seed)
+    return seed
+
+
+def _seed_generators(seed: int) -> None:
+    """Python's ``random``, NumPy's global generator (where NumPy is installed) and torch's."""
     random.seed(seed)
     np = _numpy_or_none()
     if np is not None:
@@ -96,7 +102,6 @@ def seed_everything(seed: int | None = None, workers: bool = False, verbose: boo
     # torch.manual_seed also seeds every CUDA device (lazily, so it does not
     # initialise CUDA in a process that never uses it).
     torch.manual_seed(seed)
-    return seed
 
 
 def seeds_workers() -> bool:
@@ -115,12 +120,7 @@ def seed_dataloader_worker(worker_id: int, rank: int = 0) -> None:
     """
     base = torch.initial_seed() - worker_id  # torch starts worker i from base + i
     digest = hashlib.sha256(f"{base}:{worker_id}:{rank}".encode()).digest()
-    seed = int.from_bytes(digest[:8], "little") % (MAX_SEED + 1)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np = _numpy_or_none()
-    if np is not None:
-        np.random.seed(seed)
+    _seed_generators(int.from_bytes(digest[:8], "little") % (MAX_SEED + 1))
 
 
 def _as_int(seed: Any) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from launcher.ray.driver_sink import DriverSink
+from launcher.run_dir import end_status
 from launcher.ray.job import Job, serialize_job
 
 POLL_SECONDS = 0.2
@@ -188,7 +189,7 @@ def run_job(
     except BaseException as err:
         if progress is not None:
             progress.stop()
-        _remove_unfinished(sink, finalize="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        _remove_unfinished(sink, finalize=end_status(err))
         ray.kill(sink, no_restart=True)
         if isinstance(err, ray.train.TrainingFailedError):
             raise _worker_error(err) from None

@@ -16,9 +16,10 @@ class BasePredictionWriter(Callback):
     ``write_interval="batch"`` calls ``write_on_batch_end`` after each ``predict_step`` with that batch's
     prediction and the dataset indices of its samples; ``"epoch"`` calls ``write_on_epoch_end`` once at the
     end with every prediction of this rank (kept for it even with ``return_predictions=False``, as in
-    Lightning) and their indices per dataloader; ``"batch_and_epoch"`` does both. In a distributed run each rank writes its
-    own share: the indices say which samples those were. Pair it with ``trainer.predict(...,
-    return_predictions=False)`` so that predictions are neither kept nor sent back to the driver.
+    Lightning) and their indices per dataloader; ``"batch_and_epoch"`` does both. In a distributed run each
+    rank writes its own share: the indices say which samples those were. Pair it with
+    ``trainer.predict(..., return_predictions=False)`` so that predictions are neither kept nor sent back
+    to the driver.
     """
 
     def __init__(self, write_interval: str = "batch") -> None:

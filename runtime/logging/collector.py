@@ -557,18 +557,21 @@ def _to_scalar_tensor(name: str, value: Any, enable_graph: bool) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
+def _torchmetrics_class(name: str) -> type | None:
+    """torchmetrics' class ``name`` if the user's code has imported torchmetrics (else none of its objects exist)."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    return getattr(torchmetrics, name, None) if torchmetrics is not None else None
+
+
 def _torchmetrics_metric(name: str, value: Any) -> Any:
     """``value`` if it is a torchmetrics Metric, else None; raises for a MetricCollection."""
-    torchmetrics = sys.modules.get("torchmetrics")
-    if torchmetrics is None:  # not imported, so value cannot be one of its objects
-        return None
-    collection = getattr(torchmetrics, "MetricCollection", None)
+    collection = _torchmetrics_class("MetricCollection")
     if collection is not None and isinstance(value, collection):
         raise MisconfigurationError(
             f"self.log({name!r}, value) was given a MetricCollection ({', '.join(value.keys())}), which holds several "
             f"values; log it with self.log_dict(collection), which logs each Metric under its own name"
         )
-    metric = getattr(torchmetrics, "Metric", None)
+    metric = _torchmetrics_class("Metric")
     return value if metric is not None and isinstance(value, metric) else None
 
 
@@ -577,8 +580,7 @@ def metric_collection_items(dictionary: Any) -> Any:
 
     The Metrics of a compute group keep sharing their states (no copy at every call), as in Lightning.
     """
-    torchmetrics = sys.modules.get("torchmetrics")
-    collection = getattr(torchmetrics, "MetricCollection", None) if torchmetrics is not None else None
+    collection = _torchmetrics_class("MetricCollection")
     if collection is not None and isinstance(dictionary, collection):
         return dictionary.items(keep_base=False, copy_state=False)
     return dictionary.items()

@@ -228,7 +228,6 @@ class FitLoop:
         probe = engine._preemption_probe
         distributed = engine.strategy.is_distributed
         any_batch_start, any_batch_end = hooks.any_train_batch_start, hooks.any_train_batch_end
-        ahead = self.look_ahead
         while not self._batch_loop_done(batch_idx, budget):
             try:
                 batch = next(iterator)
@@ -237,7 +236,7 @@ class FitLoop:
             batch_idx += 1
             self.batch_idx = batch_idx
             self.total_batch_idx += 1
-            is_last = batch_idx + 1 >= budget if ahead is None else ahead.done
+            is_last = self.at_last_batch()
             batch = engine._prepare_batch(batch, 0)
             collector.new_batch(batch)
             if any_batch_start and hooks.on_train_batch_start(batch, batch_idx) == -1:
@@ -271,8 +270,8 @@ class FitLoop:
                 # from it on the remaining or replacement nodes.
                 engine._save_preemption_checkpoint()
         del iterator
-        if ahead is not None:
-            ahead.close()  # the loader's iterator ends here (its workers too), as it does without a look-ahead
+        if self.look_ahead is not None:
+            self.look_ahead.close()  # the loader's iterator ends here (its workers too), as it does without a look-ahead
         self._finish_epoch(resume_after_callbacks=False)
 
     def _epoch_batches(self, prepared: PreparedLoader, budget: int | float, skip: int = 0) -> Iterator[Any]:

@@ -9,9 +9,11 @@ loop's overhead budget is a few microseconds.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 from runtime.callbacks.base import Callback
+from runtime.datamodule import LightningDataModule
 from runtime.module import LightningModule
 
 if TYPE_CHECKING:
@@ -23,8 +25,35 @@ def _overriding(callbacks: list[Callback], base_hook: Callable) -> list[Callback
     return [cb for cb in callbacks if getattr(type(cb), name) is not base_hook]
 
 
-def _module_overrides(module: LightningModule, base_hook: Callable) -> bool:
-    return getattr(type(module), base_hook.__name__) is not base_hook
+def _overrides(obj: Any, base_hook: Callable) -> bool:
+    """Whether ``obj``'s class (a LightningModule's, a datamodule's) overrides ``base_hook``."""
+    return getattr(type(obj), base_hook.__name__) is not base_hook
+
+
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def batch_transfer_hooks(
+    module: LightningModule, datamodule: LightningDataModule | None
+) -> tuple[tuple[Callable[..., Any], ...], bool]:
+    """The three batch-transfer hooks to call, in order, and whether any of them is a user's override.
+
+    Each hook is taken from the datamodule where it overrides it, else from the module, as in Lightning; a hook
+    that both override runs the datamodule's only, so that case warns.
+    """
+    hooks, overridden = [], False
+    for name in _TRANSFER_HOOKS:
+        in_module = _overrides(module, getattr(LightningModule, name))
+        in_datamodule = datamodule is not None and _overrides(datamodule, getattr(LightningDataModule, name))
+        if in_module and in_datamodule:
+            warnings.warn(
+                f"both {type(module).__name__}.{name} and {type(datamodule).__name__}.{name} are defined; the "
+                f"datamodule's runs and the module's is ignored, as in Lightning. Keep one of them",
+                stacklevel=4,
+            )
+        hooks.append(getattr(datamodule, name) if in_datamodule else getattr(module, name))
+        overridden = overridden or in_module or in_datamodule
+    return tuple(hooks), overridden
 
 
 class _Scope:
@@ -83,20 +112,20 @@ class HookRunner:
         self._predict_batch_end = _overriding(cbs, Callback.on_predict_batch_end)
         # Per-step hooks nobody overrides are not called at all (each call costs a scope and a dispatch):
         # their callers check these flags first.
-        self.any_train_batch_start = bool(self._train_batch_start) or _module_overrides(m, LightningModule.on_train_batch_start)
-        self.any_train_batch_end = bool(self._train_batch_end) or _module_overrides(m, LightningModule.on_train_batch_end)
-        self.any_before_backward = bool(self._before_backward) or _module_overrides(m, LightningModule.on_before_backward)
-        self.any_after_backward = bool(self._after_backward) or _module_overrides(m, LightningModule.on_after_backward)
-        self.any_before_optimizer_step = bool(self._before_optimizer_step) or _module_overrides(
+        self.any_train_batch_start = bool(self._train_batch_start) or _overrides(m, LightningModule.on_train_batch_start)
+        self.any_train_batch_end = bool(self._train_batch_end) or _overrides(m, LightningModule.on_train_batch_end)
+        self.any_before_backward = bool(self._before_backward) or _overrides(m, LightningModule.on_before_backward)
+        self.any_after_backward = bool(self._after_backward) or _overrides(m, LightningModule.on_after_backward)
+        self.any_before_optimizer_step = bool(self._before_optimizer_step) or _overrides(
             m, LightningModule.on_before_optimizer_step
         )
-        self.any_before_zero_grad = bool(self._before_zero_grad) or _module_overrides(m, LightningModule.on_before_zero_grad)
-        self.custom_zero_grad = _module_overrides(m, LightningModule.optimizer_zero_grad)
-        self.custom_clipping = _module_overrides(m, LightningModule.configure_gradient_clipping) or _module_overrides(
+        self.any_before_zero_grad = bool(self._before_zero_grad) or _overrides(m, LightningModule.on_before_zero_grad)
+        self.custom_zero_grad = _overrides(m, LightningModule.optimizer_zero_grad)
+        self.custom_clipping = _overrides(m, LightningModule.configure_gradient_clipping) or _overrides(
             m, LightningModule.clip_gradients
         )
-        self.custom_backward = _module_overrides(m, LightningModule.backward)
-        self.custom_optimizer_step = _module_overrides(m, LightningModule.optimizer_step)
+        self.custom_backward = _overrides(m, LightningModule.backward)
+        self.custom_optimizer_step = _overrides(m, LightningModule.optimizer_step)
         # configure_gradient_clipping runs (after on_before_optimizer_step) only where it can do something.
         self.clips = self.custom_clipping or bool(engine.gradient_clip_val)
 

@@ -43,9 +43,9 @@ def _join_samples(samples: list[Any]) -> Any:
 
 class PredictionLoop:
     """The predict pass. ``trainer.predict_loop`` during it, with what a prediction writer reads (Lightning's
-    names): this rank's ``predictions`` (kept only when they are returned), the dataset indices of the current
-    batch's samples (``current_batch_indices``) and of every batch so far (``epoch_batch_indices``, per
-    dataloader).
+    names): this rank's ``predictions`` (kept when they are returned or an epoch-end writer takes them), the
+    dataset indices of the current batch's samples (``current_batch_indices``) and of every batch so far
+    (``epoch_batch_indices``, per dataloader).
     """
 
     def __init__(self, engine: "Engine", return_predictions: bool = True):
@@ -56,7 +56,7 @@ class PredictionLoop:
         self.current_batch_indices: list[int] = []
         # An epoch-end writer is handed every prediction, returned or not (as in Lightning).
         self._writes_at_epoch_end = any(
-            getattr(cb, "write_interval", "batch") != "batch" for cb in engine.callbacks if isinstance(cb, BasePredictionWriter)
+            cb.write_interval != "batch" for cb in engine.callbacks if isinstance(cb, BasePredictionWriter)
         )
 
     @property
