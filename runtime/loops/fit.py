@@ -147,9 +147,8 @@ class FitLoop:
 
     def _can_stop_early(self) -> bool:
         engine = self.engine
-        met_min_epochs = engine.current_epoch >= (engine.min_epochs or 0) - 1 if engine.min_epochs else True
-        met_min_steps = engine.global_step >= engine.min_steps if engine.min_steps else True
-        return met_min_epochs and met_min_steps
+        # current_epoch counts the epochs completed so far, mid-epoch and after one ends alike.
+        return engine.current_epoch >= engine.min_epochs and engine.global_step >= (engine.min_steps or 0)
 
     def at_last_batch(self) -> bool:
         """Whether the batch at ``batch_idx`` is its epoch's last (``trainer.is_last_batch``)."""

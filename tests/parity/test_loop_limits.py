@@ -100,3 +100,24 @@ def test_num_sanity_val_steps(tmp_path, steps):
 def test_fast_dev_run(tmp_path, fast_dev_run):
     pl_run, _ = _run(tmp_path, max_epochs=3, fast_dev_run=fast_dev_run)
     assert pl_run.trainer.global_step == int(fast_dev_run)
+
+
+class StopsAtOnce(LoopProbe):
+    """Asks the Trainer to stop in the first training step; ``min_epochs``/``min_steps`` must hold it back."""
+
+    def training_step(self, batch, batch_idx):
+        self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"min_epochs": 3}, {"min_epochs": 2, "val_check_interval": 0.5}, {"min_steps": 9}, {"min_epochs": 1}],
+    ids=["min_epochs", "min_epochs-mid-epoch-validation", "min_steps", "min_epochs-1"],
+)
+def test_a_stop_request_waits_for_min_epochs_and_min_steps(tmp_path, limits):
+    pl_run, rl_run = run_both(StopsAtOnce, tmp_path=tmp_path, data=_train_val, trainer_args={"max_epochs": 6, **limits})
+    assert rl_run.model.events == pl_run.model.events, _event_diff(pl_run.model.events, rl_run.model.events)
+    assert_fit_parity(pl_run, rl_run)
+    if "min_epochs" in limits:  # every required epoch ran in full
+        assert rl_run.trainer.current_epoch == limits["min_epochs"], rl_run.trainer.current_epoch
