@@ -88,6 +88,7 @@ class Engine:
         # queue to drain every log_every_n_steps, for nothing.
         self._wants_metrics = getattr(self.metrics_sink, "wants_metrics", True)
         self.checkpoint_sink: CheckpointSink = checkpoint_sink or LocalCheckpointSink()
+        self._checkpoint_files: set[str] = set()  # see checkpoint_files_in
         self.precision_plugin = Precision(self.config.precision, self.strategy.root_device)
         self.state = TrainerState()
         self.current_epoch = 0
@@ -434,6 +435,7 @@ class Engine:
     def _run(self, impl, ckpt, ckpt_path: str | None = None):
         module = self.lightning_module
         stage = self.state.fn.value
+        self.ckpt_path = ckpt if isinstance(ckpt, str) else ckpt_path  # known in setup, as in Lightning
         try:
             with self.strategy.rank_zero_first():
                 if self.datamodule is not None:
@@ -462,7 +464,6 @@ class Engine:
             module._collector = None
 
     def _load(self, ckpt: dict[str, Any] | str | None, ckpt_path: str | None) -> dict[str, Any] | None:
-        self.ckpt_path = ckpt if isinstance(ckpt, str) else ckpt_path
         if ckpt is None:
             return None
         if isinstance(ckpt, str):
@@ -891,8 +892,23 @@ class Engine:
         module.on_save_checkpoint(checkpoint)
         return checkpoint
 
+    def checkpoint_files_in(self, directory: str) -> list[str]:
+        """The files already in ``directory`` where checkpoints are kept (the same answer on every rank).
+
+        From then on ``checkpoint_exists`` knows them, and counts what this run saves and removes.
+        """
+        names = self.checkpoint_sink.listdir(directory) if self.is_global_zero else None
+        paths = [os.path.join(directory, name) for name in self.strategy.broadcast(names)]
+        self._checkpoint_files.update(paths)
+        return paths
+
+    def checkpoint_exists(self, filepath: str) -> bool:
+        """Whether a file by that name is known to exist (ModelCheckpoint's version counter asks)."""
+        return str(filepath) in self._checkpoint_files
+
     def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
         """Build the checkpoint on every rank; rank 0 commits it through the checkpoint sink."""
+        self._checkpoint_files.add(str(filepath))
         checkpoint = self.dump_checkpoint(weights_only)
         if self.is_global_zero:
             # Rows logged before the checkpoint reach disk before it does, so a resume neither loses nor repeats them.
@@ -909,6 +925,7 @@ class Engine:
         self.save_checkpoint(os.path.join(directory, "last.ckpt"))
 
     def remove_checkpoint(self, filepath: str) -> None:
+        self._checkpoint_files.discard(str(filepath))
         if self.is_global_zero:
             self.checkpoint_sink.remove(str(filepath))
 

@@ -59,6 +59,10 @@ class CheckpointSink(Protocol):
 
     def remove(self, path: str) -> None: ...
 
+    def listdir(self, directory: str) -> list[str]:
+        """The names in ``directory`` (none if it does not exist)."""
+        ...
+
 
 class NullMetricsSink:
     """Drops everything: used on ranks other than 0 and when logging is off."""
@@ -130,3 +134,14 @@ class LocalCheckpointSink:
             os.remove(path)
         except FileNotFoundError:
             pass
+
+    def listdir(self, directory: str) -> list[str]:
+        return list_directory(directory)
+
+
+def list_directory(directory: str) -> list[str]:
+    """``os.listdir``, with no names for a directory that does not exist (yet)."""
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

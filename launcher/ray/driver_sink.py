@@ -252,6 +252,12 @@ class DriverSink:
         if path in self._committed:
             self._committed.remove(path)
 
+    def listdir(self, directory: str) -> list[str]:
+        """The names in a directory of the driver's node (ModelCheckpoint's file-name versions need them)."""
+        from runtime.sinks import list_directory
+
+        return list_directory(directory)
+
     def file_size(self, path: str) -> int:
         return os.path.getsize(path)
 

@@ -321,6 +321,11 @@ class RemoteCheckpointSink:
     def remove(self, path: str) -> None:
         self.files.remove(path)
 
+    def listdir(self, directory: str) -> list[str]:
+        import ray
+
+        return ray.get(self.files.actor.listdir.remote(directory))
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):

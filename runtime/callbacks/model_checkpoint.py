@@ -1,9 +1,10 @@
 """ModelCheckpoint: save checkpoints during fit and keep the best ``k`` by a monitored metric.
 
-Bookkeeping (which files exist, which are best) lives in memory on every rank:
-the checkpoint files may be written on another machine (the driver), so this
-callback never looks at the disk. Every rank calls ``trainer.save_checkpoint``
-and ``trainer.remove_checkpoint``; the trainer decides which rank touches files.
+Bookkeeping (which files are best) lives in memory on every rank: the
+checkpoint files may be written on another machine (the driver), so this
+callback never opens them. Every rank calls ``trainer.save_checkpoint`` and
+``trainer.remove_checkpoint``, and asks ``trainer.checkpoint_exists`` whether a
+name is taken; the trainer decides which rank touches files.
 """
 
 from __future__ import annotations
@@ -138,8 +139,6 @@ class ModelCheckpoint(Callback):
         # Step 0 means "nothing trained yet": never worth a checkpoint.
         self._last_global_step_saved = 0
         self._last_checkpoint_saved = ""
-        # Paths this callback wrote and has not removed: the version counter's view of "exists".
-        self._written: set[str] = set()
         # A step-triggered save whose metric only validation produces waits for on_validation_end.
         self._defer_save_until_validation = False
         self._validation_has_run = False
@@ -190,6 +189,18 @@ class ModelCheckpoint(Callback):
         """Resolve the directory once, from rank 0, so every rank names the same files."""
         dirpath = self.dirpath if self.dirpath is not None else trainer.default_checkpoint_dir
         self.dirpath = trainer.strategy.broadcast(dirpath, src=0)
+        if stage != TrainerFn.FITTING:
+            return
+        # Files already there (an earlier run's, another ModelCheckpoint's) keep their names: a new checkpoint
+        # whose name is taken gets a version suffix instead of replacing them.
+        existing = [p for p in trainer.checkpoint_files_in(self.dirpath) if not os.path.basename(p).startswith(".")]
+        if existing and self.save_top_k != 0 and getattr(trainer, "ckpt_path", None) is None:
+            self._warn_once(
+                f"ModelCheckpoint: {self.dirpath} already holds {len(existing)} file(s), e.g. "
+                f"{os.path.basename(sorted(existing)[0])!r}; a checkpoint whose name is taken is saved with a "
+                f"version suffix ({self.CHECKPOINT_JOIN_CHAR}v1, ...) instead of replacing it. Give this run its "
+                "own dirpath (or run_name) to keep runs apart"
+            )
 
     def saves_after_step(self, global_step: int) -> bool:
         """Whether ``on_train_batch_end`` tries to save at ``global_step`` (``every_n_train_steps``)."""
@@ -276,8 +287,6 @@ class ModelCheckpoint(Callback):
                 stacklevel=2,
             )
         self.best_model_path = state_dict["best_model_path"]
-        self._written.update(self.best_k_models)
-        self._written.update(p for p in (self.best_model_path, self.last_model_path) if p)
 
     # -- when to save
 
@@ -364,7 +373,7 @@ class ModelCheckpoint(Callback):
         if torch.isnan(current):
             current = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
 
-        filepath = self._unique_filepath(candidates, reusable=evicted)
+        filepath = self._unique_filepath(trainer, candidates, reusable=evicted)
         self.current_score = current
         self.best_k_models[filepath] = current
         if len(self.best_k_models) == k:
@@ -386,7 +395,7 @@ class ModelCheckpoint(Callback):
             self._remove_checkpoint(trainer, evicted)
 
     def _save_none_monitor_checkpoint(self, trainer, candidates: dict[str, Tensor]) -> None:
-        filepath = self._unique_filepath(candidates, reusable=self.best_model_path)
+        filepath = self._unique_filepath(trainer, candidates, reusable=self.best_model_path)
         # Set before saving: the path is part of the state written into this checkpoint.
         previous, self.best_model_path = self.best_model_path, filepath
         self._save_checkpoint(trainer, filepath)
@@ -396,7 +405,9 @@ class ModelCheckpoint(Callback):
     def _save_last_checkpoint(self, trainer, candidates: dict[str, Tensor]) -> None:
         if not self.save_last:
             return
-        filepath = self._unique_filepath(candidates, template=self.CHECKPOINT_NAME_LAST, reusable=self.last_model_path)
+        filepath = self._unique_filepath(
+            trainer, candidates, template=self.CHECKPOINT_NAME_LAST, reusable=self.last_model_path
+        )
         previous, self.last_model_path = self.last_model_path, filepath
         self._save_checkpoint(trainer, filepath)
         if previous and self._should_remove_checkpoint(trainer, previous, filepath):
@@ -404,13 +415,11 @@ class ModelCheckpoint(Callback):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         trainer.save_checkpoint(filepath, weights_only=self.save_weights_only)
-        self._written.add(filepath)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         trainer.remove_checkpoint(filepath)
-        self._written.discard(filepath)
 
     def _should_remove_checkpoint(self, trainer, previous: str, current: str) -> bool:
         """Only delete files this callback owns: in its directory and not the one training resumed from."""
@@ -426,14 +435,14 @@ class ModelCheckpoint(Callback):
     # -- file names
 
     def _unique_filepath(
-        self, candidates: dict[str, Tensor], template: str | None = None, reusable: str | None = None
+        self, trainer, candidates: dict[str, Tensor], template: str | None = None, reusable: str | None = None
     ) -> str:
-        """Format the name; if another checkpoint of ours already has it, add ``-v1``, ``-v2``, ..."""
+        """Format the name; if a file already has it (and it is not ``reusable``), add ``-v1``, ``-v2``, ..."""
         filepath = self.format_checkpoint_name(candidates, template)
         if not self._enable_version_counter:
             return filepath
         version = self.STARTING_VERSION
-        while filepath in self._written and filepath != reusable:
+        while filepath != reusable and trainer.checkpoint_exists(filepath):
             filepath = self.format_checkpoint_name(candidates, template, ver=version)
             version += 1
         return filepath

@@ -301,6 +301,76 @@ def _assert_model_checkpoint_parity(tmp_path, ckpt_args, trainer_args, per_valid
             assert torch.allclose(pl_best["state_dict"][key], rl_best["state_dict"][key], atol=1e-6, rtol=0), key
 
 
+def _fit_into(tmp_path, directory_of, callbacks_of, max_epochs=3):
+    """Fit Scripted on both sides with ``callbacks_of(side, directory)``; returns the runs and each side's directory."""
+    runs = run_both(
+        Scripted,
+        tmp_path=tmp_path,
+        data=_train_val,
+        trainer_args=dict(
+            max_epochs=max_epochs, num_sanity_val_steps=0, limit_train_batches=2, enable_checkpointing=True
+        ),
+        callbacks=lambda side: callbacks_of(side, directory_of(side)),
+    )
+    return runs
+
+
+def test_two_model_checkpoints_sharing_a_directory_keep_each_others_files(tmp_path):
+    directory_of = lambda side: str(tmp_path / side.name / "shared")  # noqa: E731
+    pl_run, rl_run = _fit_into(
+        tmp_path,
+        directory_of,
+        lambda side, d: [
+            side.ModelCheckpoint(dirpath=d, monitor="val_score", mode="min", save_last=True),
+            side.ModelCheckpoint(dirpath=d, monitor="val_score", mode="max", save_last=True),
+        ],
+    )
+    assert sorted(os.listdir(directory_of(RL))) == sorted(os.listdir(directory_of(PL)))
+    for pl_cb, rl_cb in zip(pl_run.callbacks, rl_run.callbacks):
+        assert os.path.basename(rl_cb.best_model_path) == os.path.basename(pl_cb.best_model_path)
+        assert os.path.basename(rl_cb.last_model_path) == os.path.basename(pl_cb.last_model_path)
+        # Each callback's best checkpoint is still there, and is the one it ranked best.
+        best = torch.load(rl_cb.best_model_path, weights_only=True)
+        assert best["global_step"] == torch.load(pl_cb.best_model_path, weights_only=False)["global_step"]
+
+
+def test_a_second_run_into_the_same_directory_keeps_the_first_runs_checkpoint(tmp_path):
+    directory_of = lambda side: str(tmp_path / side.name / "ckpts")  # noqa: E731
+    callbacks_of = lambda side, d: [side.ModelCheckpoint(dirpath=d, filename="model", monitor="val_score")]  # noqa: E731
+    _fit_into(tmp_path, directory_of, callbacks_of, max_epochs=1)
+    first = torch.load(os.path.join(directory_of(RL), "model.ckpt"), weights_only=True)
+    with pytest.warns(UserWarning, match=r"already holds 1 file\(s\), e.g. 'model.ckpt'"):
+        pl_run, rl_run = _fit_into(tmp_path, directory_of, callbacks_of, max_epochs=2)
+    assert sorted(os.listdir(directory_of(RL))) == sorted(os.listdir(directory_of(PL))) == ["model-v1.ckpt", "model.ckpt"]
+    assert os.path.basename(rl_run.callbacks[0].best_model_path) == os.path.basename(pl_run.callbacks[0].best_model_path)
+    kept = torch.load(os.path.join(directory_of(RL), "model.ckpt"), weights_only=True)
+    assert kept["global_step"] == first["global_step"]
+    assert all(torch.equal(kept["state_dict"][k], v) for k, v in first["state_dict"].items())
+
+
+def test_a_resumed_run_keeps_writing_its_own_last_checkpoint(tmp_path):
+    from launcher import Trainer
+
+    directory = tmp_path / "ckpts"
+    model = module_class(Scripted, RL)()
+    fit = lambda epochs, ckpt_path=None: Trainer(  # noqa: E731
+        max_epochs=epochs, num_workers=0, limit_train_batches=2, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+        enable_progress_bar=False, logger=False, callbacks=[runtime_checkpoint(directory)],
+    ).fit(model, ckpt_path=ckpt_path, **_train_val())
+    fit(1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "already holds" warning: these are the run's own files
+        fit(2, ckpt_path=str(directory / "last.ckpt"))
+    assert sorted(os.listdir(directory)) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"]
+    assert torch.load(directory / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def runtime_checkpoint(directory):
+    return RL.ModelCheckpoint(dirpath=str(directory), monitor="val_score", save_top_k=-1, save_last=True)
+
+
 class HParamsWithExtraLayer(HParams):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -315,6 +315,11 @@ def test_worker_on_a_node_without_the_drivers_files_streams_everything_back(ray_
     other_node = add_node(cpus=2, resources={"slot": 1}, hide=[str(run_root)])
     assert other_node != driver_node
 
+    # An earlier run's file by the name of this run's first checkpoint: it is kept, the new one is versioned. Rank 0
+    # learns which names are taken from the driver's node, whichever node it runs on.
+    earlier = run_root / "two-nodes" / "checkpoints" / "epoch=0-step=8.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's checkpoint")
     seed_everything(0)
     model = Probe(str(shared), driver_only=str(run_root / "driver-only"))
     trainer = Trainer(
@@ -343,7 +348,11 @@ def test_worker_on_a_node_without_the_drivers_files_streams_everything_back(ray_
 
     run_dir = run_root / "two-nodes"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["epoch=0-step=16.ckpt", "epoch=0-step=24.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
+    assert ckpts == [
+        "epoch=0-step=16.ckpt", "epoch=0-step=24.ckpt", "epoch=0-step=8-v1.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"
+    ]
+    assert earlier.read_bytes() == b"an earlier run's checkpoint"
+    assert torch.load(run_dir / "checkpoints" / "epoch=0-step=8-v1.ckpt", weights_only=True)["global_step"] == 8
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == STEPS_PER_EPOCH
     for name, value in model.state_dict().items():

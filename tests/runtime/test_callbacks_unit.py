@@ -66,6 +66,12 @@ class FakeTrainer:
         if os.path.exists(filepath):
             os.remove(filepath)
 
+    def checkpoint_files_in(self, directory: str) -> list[str]:
+        return [os.path.join(directory, name) for name in os.listdir(directory)] if os.path.isdir(directory) else []
+
+    def checkpoint_exists(self, filepath: str) -> bool:
+        return os.path.exists(filepath)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.logged.append((step, dict(metrics)))
 
