@@ -10,9 +10,28 @@ pay for importing torch.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from runtime._lazy import lazy_exports
+
+
+def _show_info_messages() -> None:
+    """Let ``verbose=True`` messages (seed_everything, EarlyStopping, ModelCheckpoint) reach the console.
+
+    Lightning's users see them without configuring logging; a program that configures logging itself (a
+    handler on the root logger) decides for itself.
+    """
+    package_logger = logging.getLogger(__name__)
+    if logging.getLogger().hasHandlers() or package_logger.handlers:
+        return
+    package_logger.addHandler(logging.StreamHandler())
+    package_logger.propagate = False
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO)
+
+
+_show_info_messages()
 
 _EXPORTS = {
     "BasePredictionWriter": "runtime.callbacks",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from enum import Enum
 from typing import Any
 
@@ -156,7 +157,7 @@ class EarlyStopping(Callback):
         if self.strict:
             raise RuntimeError(message)
         if self.verbose:
-            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)  # once, not at every check
         return False
 
     def _run_early_stopping_check(self, trainer) -> None:

@@ -686,3 +686,50 @@ def test_lr_monitor_rejects_bad_input(tmp_path):
 def test_builtin_callbacks_are_callbacks():
     for cb in (ModelCheckpoint(), EarlyStopping("x"), LearningRateMonitor()):
         assert isinstance(cb, Callback)
+
+
+_VERBOSE_SCRIPT = """
+import logging, sys
+if sys.argv[1] == "configured":
+    logging.basicConfig(level=logging.WARNING)  # the program decides what is shown
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from runtime import EarlyStopping, LightningModule, seed_everything
+from launcher import Trainer
+
+class Constant(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+    def training_step(self, batch, batch_idx):
+        return (self.w - batch[0]).pow(2).mean()
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", 1.0)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+seed_everything(7)
+data = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+Trainer(max_epochs=5, num_workers=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=sys.argv[2], callbacks=[EarlyStopping("val_loss", patience=1, verbose=True)]).fit(
+    Constant(), data, data)
+"""
+
+
+@pytest.mark.parametrize("logging_setup", ["none", "configured"])
+def test_verbose_messages_reach_the_console_unless_the_program_configures_logging(tmp_path, logging_setup):
+    import subprocess
+    import sys
+
+    script = tmp_path / "verbose.py"
+    script.write_text(_VERBOSE_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), logging_setup, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert done.returncode == 0, done.stderr
+    messages = ["Seed set to 7", "did not improve in the last 1 checks"]
+    if logging_setup == "none":  # as with Lightning: shown without any logging setup
+        assert all(m in done.stderr for m in messages), done.stderr
+    else:
+        assert not any(m in done.stderr for m in messages), done.stderr
