@@ -24,6 +24,11 @@ class LightningDataModule:
         self._hparams_initial: AttributeDict = AttributeDict()
         self._log_hyperparams = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # As for the module: the trainer is the live run (data iterators, the process group), which a pickled or
+        # copied datamodule (the next fit's job, a Ray job) neither can nor should carry.
+        return {**self.__dict__, "trainer": None}
+
     def save_hyperparameters(self, *args: Any, ignore: list[str] | str | None = None, frame=None, logger: bool = True):
         """Record ``__init__`` arguments in ``self.hparams`` (saved under ``datamodule_hyper_parameters``).
 

@@ -36,6 +36,17 @@ class LightningModule(nn.Module):
         self._device = torch.device("cpu")
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle and copy.deepcopy both come here. The trainer and the hook's collector are the live run
+        # (data iterators, the process group, the loggers): they cannot be pickled, and a copy (an EMA
+        # callback's, a job shipped to Ray) must not drive or log into the run it was taken from. As in
+        # Lightning, the copy is a plain module, attached to no trainer.
+        state = dict(self.__dict__)
+        state["_trainer"] = None
+        state["_collector"] = None
+        state["_current_hook"] = None
+        return state
+
     @property
     def trainer(self):
         if self._trainer is None:
@@ -210,7 +221,10 @@ class LightningModule(nn.Module):
             print(*args, **kwargs)
 
     def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
-        """Gather tensors from every rank; returns tensors with a leading world-size dimension."""
+        """Gather tensors (or a collection of them) from every rank along a new first dimension.
+
+        In a single process the data comes back as it is, with no new dimension, as in Lightning.
+        """
         if self._trainer is None:
             return data
         return self._trainer.strategy.all_gather(data, sync_grads=sync_grads)

@@ -109,14 +109,18 @@ class Strategy:
         return torch.stack(out).cpu()
 
     def all_gather(self, data: Any, sync_grads: bool = False) -> Any:
-        """Gather tensors (or collections of them) from every rank along a new first dimension."""
+        """Gather tensors (or collections of them) from every rank along a new first dimension.
+
+        A world of one adds no dimension: each tensor comes back with its own shape, as in Lightning, so
+        code written for one process does not have to special-case it.
+        """
         if isinstance(data, dict):
             return {k: self.all_gather(v, sync_grads) for k, v in data.items()}
         if isinstance(data, (list, tuple)):
             return type(data)(self.all_gather(v, sync_grads) for v in data)
         tensor = data if isinstance(data, Tensor) else torch.tensor(data)
         if not self.is_distributed:
-            return tensor.unsqueeze(0) if tensor.ndim == 0 else tensor.unsqueeze(0)
+            return tensor
         local = tensor.to(self._comm_device()).contiguous()
         if sync_grads:
             import torch.distributed.nn.functional as dist_fn

@@ -49,7 +49,12 @@ class OptimizerWrapper:
         self.optimizer.load_state_dict(state)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
+        # Only names the wrapper lacks get here. While pickle or deepcopy rebuild a wrapper, `optimizer` is
+        # not set yet, so reading `self.optimizer` would come back here forever.
+        optimizer = self.__dict__.get("optimizer")
+        if optimizer is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (no optimizer is wrapped yet)")
+        return getattr(optimizer, name)
 
     def __repr__(self) -> str:
         return f"OptimizerWrapper({self.optimizer!r})"
