@@ -432,7 +432,10 @@ class MetricCollector:
         return callback, log, pbar
 
     def epoch_metrics(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
-        """(callback, log, progress bar) values of the epoch, reducing whatever is pending."""
+        """(callback, log, progress bar) values of the epoch, reducing whatever is pending.
+
+        It may be read again after more values are logged (an epoch-end hook's): only those are reduced then.
+        """
         self.compute_epoch()
         callback: dict[str, Tensor] = {}
         log: dict[str, Tensor] = {}
@@ -448,10 +451,6 @@ class MetricCollector:
             callback[key] = value
             if entry.prog_bar:
                 pbar[key] = float(value)
-        if not self.training:
-            # An evaluation pass reads its epoch values once, here. Lightning resets the Metrics it logged when
-            # the pass ends; the loop resets this collector only when the next pass starts.
-            self._reset_metrics()
         return callback, log, pbar
 
     def epoch_keys_by_dataloader(self) -> dict[str, int | None]:
@@ -460,13 +459,14 @@ class MetricCollector:
 
     def reset(self) -> None:
         """Start a new epoch: drop accumulators, reset the logged Metrics, keep nothing."""
-        self._reset_metrics()
+        self.reset_metrics()
         self.entries.clear()
         self._validated.clear()
         self._batch = None
         self._batch_size = None
 
-    def _reset_metrics(self) -> None:
+    def reset_metrics(self) -> None:
+        """Reset the torchmetrics Metrics logged since the last call (an evaluation pass does at its end)."""
         for entry in self.entries.values():
             if entry.metric is not None:
                 entry.metric.reset()

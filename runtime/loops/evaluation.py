@@ -8,7 +8,6 @@ import torch
 
 from runtime.logging.collector import MetricCollector
 from runtime.loops.data import PreparedLoader
-from runtime.sinks import Progress
 from runtime.state import RunningStage
 
 if TYPE_CHECKING:
@@ -66,7 +65,11 @@ class EvaluationLoop:
                             hooks.on_validation_batch_end(output, batch, batch_idx, dl_idx, len(loaders))
                         self.collector.sync_step()
                         _, log, pbar = self.collector.step_metrics()
-                        if log and not engine.sanity_checking:
+                        if pbar:  # the bar's step values stay in trainer.progress_bar_metrics, as in Lightning
+                            engine._progress_bar_metrics.update(pbar)
+                        if log and engine.sanity_checking:
+                            engine._logged_metrics.update(log)  # the hooks may read them; the loggers get nothing
+                        elif log:
                             step_logged.update(log)
                             engine._log_to_sink(log, step=self.logger_step)
                             self.logger_step += 1
@@ -74,16 +77,19 @@ class EvaluationLoop:
                 per_loader_logged.append(step_logged)
 
         self.collector.dataloader_idx = None
+        # The epoch-end hooks read this pass's epoch values in trainer.callback_metrics, as in Lightning: what
+        # the steps logged is reduced before them (one collective for every sync_dist value), and only what the
+        # hooks log themselves is reduced after them.
+        self._publish(*self.collector.epoch_metrics())
         if testing:
             hooks.on_test_epoch_end()
         else:
             hooks.on_validation_epoch_end()
         callback, log, pbar = self.collector.epoch_metrics()
+        self.collector.reset_metrics()  # Lightning resets the Metrics logged in a pass when it ends
+        self._publish(callback, log, pbar)
         results: list[dict[str, float]] = []
         if not engine.sanity_checking:
-            engine._callback_metrics.update(callback)
-            engine._logged_metrics.update(log)
-            engine._progress_bar_metrics.update(pbar)
             engine._log_to_sink(log)
             origin = self.collector.epoch_keys_by_dataloader()
             for dl_idx in range(len(loaders)):
@@ -100,3 +106,10 @@ class EvaluationLoop:
                 hooks.on_validation_model_train()
         engine._active_collector = None
         return results
+
+    def _publish(self, callback: dict[str, torch.Tensor], log: dict[str, torch.Tensor], pbar: dict[str, float]) -> None:
+        # Also during the sanity check, where the hooks see its values too; the engine drops them after it.
+        engine = self.engine
+        engine._callback_metrics.update(callback)
+        engine._logged_metrics.update(log)
+        engine._progress_bar_metrics.update(pbar)

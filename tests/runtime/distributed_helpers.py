@@ -356,6 +356,70 @@ def collective_count_worker(rank: int, out_dir: str, metric_counts: list[int]) -
     save_result(out_dir, "collectives", rank, result)
 
 
+EPOCH_END_VAL_BATCHES = 2  # per rank
+
+
+class EpochEndReaderModule(LightningModule):
+    """Logs ``v = 100 * epoch + 10 * batch_idx + rank`` with sync_dist in validation_step (reduced mean:
+    100 * epoch + 5.5) and records what on_validation_epoch_end reads, with the packed gathers counted so far."""
+
+    def __init__(self, log_in_hook: bool):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.log_in_hook = log_in_hook
+        self.counter: Any = None  # the _CallCounter on strategy.gather_packed
+        self.seen: list[dict[str, Any]] = []
+
+    def training_step(self, batch, batch_idx):
+        idx, x = batch
+        return self.layer(x).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        value = float(100 * self.current_epoch + 10 * batch_idx + self.global_rank)
+        self.log("v", value, sync_dist=True, prog_bar=True)
+        self.log("v_local", value)  # not synced: each rank's own mean
+
+    def on_validation_epoch_start(self):
+        self.gathers_at_start = self.counter.calls
+
+    def on_validation_epoch_end(self):
+        self.seen.append({
+            "callback": floats(self.trainer.callback_metrics),
+            "progress_bar": dict(self.trainer.progress_bar_metrics),
+            "gathers_before_hook": self.counter.calls - self.gathers_at_start,
+        })
+        if self.log_in_hook:
+            self.log("hook_m", float(self.global_rank), sync_dist=True, prog_bar=True)
+
+    def on_validation_end(self):
+        self.seen[-1]["at_validation_end"] = floats(self.trainer.callback_metrics)
+        self.seen[-1]["gathers"] = self.counter.calls - self.gathers_at_start
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def epoch_end_reads_worker(rank: int, out_dir: str) -> None:
+    """What on_validation_epoch_end reads in fit (2 epochs) and validate(), with and without a hook-logged value."""
+    result = {}
+    val_data = indexed_data(2 * 4 * EPOCH_END_VAL_BATCHES)
+    for log_in_hook in (False, True):
+        for method in ("fit", "validate"):
+            engine = Engine(quiet_config(out_dir, max_epochs=2))
+            module = EpochEndReaderModule(log_in_hook)
+            module.counter = _CallCounter(engine.strategy, "gather_packed")
+            try:
+                val = DataLoader(val_data, batch_size=4, shuffle=False)
+                if method == "fit":
+                    engine.fit(module, DataLoader(indexed_data(16), batch_size=4, shuffle=False), val)
+                else:
+                    engine.validate(module, val)
+            finally:
+                module.counter.restore()
+            result[f"{method}-hook_logs={log_in_hook}"] = module.seen
+    save_result(out_dir, "epoch_end_reads", rank, result)
+
+
 DEFERRED_BATCHES = 10  # per rank
 DEFERRED_LOG_EVERY = 4
 DEFERRED_CKPT_EVERY = 5

@@ -156,6 +156,31 @@ def test_sync_dist_step_values_are_reduced_where_they_are_read(tmp_path):
         assert result["callback_m"] == 90.5, rank
 
 
+@pytest.mark.timeout(120)
+def test_validation_epoch_end_reads_this_epochs_reduced_values(tmp_path):
+    """on_validation_epoch_end reads the epoch's sync_dist values already reduced, as in Lightning, and the step
+    values cost one collective before the hook; only a hook that logs sync_dist values itself adds a second."""
+    h.spawn(h.epoch_end_reads_worker, tmp_path, str(tmp_path))
+    ranks = h.load_results(tmp_path, "epoch_end_reads")
+    for rank, result in enumerate(ranks):
+        for log_in_hook in (False, True):
+            for method, epochs in (("fit", 2), ("validate", 1)):
+                seen = result[f"{method}-hook_logs={log_in_hook}"]
+                assert len(seen) == epochs, (rank, method)
+                for epoch, reads in enumerate(seen):
+                    what = (rank, method, log_in_hook, epoch)
+                    expected = 100 * epoch + 5.5
+                    assert reads["callback"]["v"] == pytest.approx(expected), what
+                    assert reads["progress_bar"]["v"] == pytest.approx(expected), what
+                    assert reads["callback"]["v_local"] == pytest.approx(100 * epoch + 5 + rank), what
+                    assert "hook_m" not in reads["callback"] or epoch > 0, what
+                    assert reads["gathers_before_hook"] == 1, what
+                    assert reads["gathers"] == 1 + log_in_hook, what
+                    assert reads["at_validation_end"]["v"] == pytest.approx(expected), what
+                    if log_in_hook:
+                        assert reads["at_validation_end"]["hook_m"] == pytest.approx(0.5), what
+
+
 # --------------------------------------------------------------------------- 3
 @pytest.mark.timeout(120)
 def test_distributed_sampler_swap_shards_and_reshuffles(tmp_path):
