@@ -105,6 +105,7 @@ class Engine:
         self._active_collector = None
         self._train_loader: PreparedLoader | None = None
         self._val_loaders: list[PreparedLoader] | None = None
+        self._stage_loaders: dict[str, list[PreparedLoader]] = {}  # a validate/test/predict call's
         self._has_val = False
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
@@ -129,6 +130,24 @@ class Engine:
             torch.backends.cudnn.benchmark = False
 
     # ============================================================ properties
+    @property
+    def train_dataloader(self) -> Any:
+        """This fit's training DataLoader (with the distributed sampler it runs with); None until set up."""
+        return None if self._train_loader is None else self._train_loader.loader
+
+    @property
+    def val_dataloaders(self) -> Any:
+        """The validation DataLoader of this fit or validate call (a list when there are several); None until set up."""
+        return _as_given(self._stage_loaders.get("validate", self._val_loaders))
+
+    @property
+    def test_dataloaders(self) -> Any:
+        return _as_given(self._stage_loaders.get("test"))
+
+    @property
+    def predict_dataloaders(self) -> Any:
+        return _as_given(self._stage_loaders.get("predict"))
+
     @property
     def global_rank(self) -> int:
         return self.strategy.global_rank
@@ -678,6 +697,7 @@ class Engine:
         limit = self.config.fast_dev_run or (self.config.limit_test_batches if testing else self.config.limit_val_batches)
         loaders = [self._prepare(dl, "test" if testing else "val", limit) for dl in self._eval_sources(
             "test" if testing else "validate")]
+        self._stage_loaders[stage] = loaders
         budgets = [p.num_batches for p in loaders]
         if testing:
             self.num_test_batches = budgets
@@ -691,6 +711,7 @@ class Engine:
         self._log_hparams()
         limit = self.config.fast_dev_run or self.config.limit_predict_batches
         loaders = [self._prepare(dl, "predict", limit, record_indices=True) for dl in self._eval_sources("predict")]
+        self._stage_loaders["predict"] = loaders
         budgets = [p.num_batches for p in loaders]
         self.num_predict_batches = budgets
         self.state.stage = RunningStage.PREDICTING
@@ -975,3 +996,10 @@ class Engine:
             self.current_epoch = int(checkpoint.get("epoch", 0))
             self.global_step = int(checkpoint.get("global_step", 0))
 
+
+def _as_given(prepared: list[PreparedLoader] | None) -> Any:
+    """The DataLoaders a loop runs, as Lightning's trainer returns them: one as itself, several as a list."""
+    if prepared is None:
+        return None
+    loaders = [p.loader for p in prepared]
+    return loaders[0] if len(loaders) == 1 else loaders

@@ -110,3 +110,57 @@ def test_trainer_attributes_after_fit(tmp_path):
     assert not _differences(expected, actual), (
         "trainer.<name> after fit differs as {name: (lightning, raylight)}: " + repr(_differences(expected, actual))
     )
+
+
+def _loaders(value):
+    """What a trainer's *_dataloader(s) attribute holds: None, or each DataLoader's number of batches.
+
+    Not its ``batch_size``: raylight's loader batches through a resumable batch sampler, so that attribute is None.
+    """
+    if value is None or value == MISSING:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_loaders(v) for v in value]
+    return len(value)
+
+
+class DataloaderReads(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[str, dict] = {}
+
+    def _read_loaders(self, when):
+        names = ("train_dataloader", "val_dataloaders", "test_dataloaders", "predict_dataloaders")
+        self.reads[when] = {name: _loaders(getattr(self.trainer, name, MISSING)) for name in names}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        super().test_step(batch, batch_idx)
+
+    def on_train_start(self):
+        self._read_loaders("on_train_start")
+
+    def on_validation_start(self):
+        self._read_loaders("on_validation_start")
+
+    def on_test_start(self):
+        self._read_loaders("on_test_start")
+
+    def on_predict_start(self):
+        self._read_loaders("on_predict_start")
+
+
+def test_the_dataloaders_a_loop_runs_are_on_the_trainer(tmp_path):
+    fit_data = lambda: {"train_dataloaders": loader(n=22), "val_dataloaders": loader(n=10, batch_size=5)}  # noqa: E731
+    pl_fit, rl_fit = run_both(DataloaderReads, tmp_path=tmp_path / "fit", data=fit_data,
+                              trainer_args={"max_epochs": 1, "num_sanity_val_steps": 0})
+    assert rl_fit.model.reads == pl_fit.model.reads
+    assert rl_fit.model.reads["on_train_start"] == {
+        "train_dataloader": 6, "val_dataloaders": 2, "test_dataloaders": None, "predict_dataloaders": None
+    }
+    two = lambda: {"dataloaders": [loader(n=8), loader(n=12, batch_size=3)]}  # noqa: E731
+    for method in ("validate", "test", "predict"):
+        pl_run, rl_run = run_both(DataloaderReads, tmp_path=tmp_path / method, method=method, data=two)
+        assert rl_run.model.reads == pl_run.model.reads, method
