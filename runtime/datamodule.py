@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from runtime.errors import MisconfigurationError
@@ -28,6 +30,34 @@ class LightningDataModule:
         # As for the module: the trainer is the live run (data iterators, the process group), which a pickled or
         # copied datamodule (the next fit's job, a Ray job) neither can nor should carry.
         return {**self.__dict__, "trainer": None}
+
+    @classmethod
+    def from_datasets(
+        cls,
+        train_dataset: Any = None,
+        val_dataset: Any = None,
+        test_dataset: Any = None,
+        predict_dataset: Any = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        **datamodule_kwargs: Any,
+    ) -> "LightningDataModule":
+        """A datamodule serving these datasets: ``cls(**datamodule_kwargs)`` whose dataloader hooks wrap them.
+
+        Each dataset may also be a list (several dataloaders) or a dict of them. The training data is shuffled,
+        the rest is not; a stage without a dataset keeps the class's own hook.
+        """
+        datamodule = cls(**datamodule_kwargs)
+        for hook, dataset, shuffle in (
+            ("train_dataloader", train_dataset, True),
+            ("val_dataloader", val_dataset, False),
+            ("test_dataloader", test_dataset, False),
+            ("predict_dataloader", predict_dataset, False),
+        ):
+            if dataset is not None:
+                # A partial of a module-level function: the datamodule still pickles (for Ray, `raylight resume`).
+                setattr(datamodule, hook, functools.partial(_dataloaders, dataset, batch_size, num_workers, shuffle))
+        return datamodule
 
     def save_hyperparameters(self, *args: Any, ignore: list[str] | str | None = None, frame=None, logger: bool = True):
         """Record ``__init__`` arguments in ``self.hparams`` (saved under ``datamodule_hyper_parameters``).
@@ -96,3 +126,17 @@ class LightningDataModule:
 
     def on_exception(self, exception: BaseException) -> None:
         """Runs when the run fails."""
+
+
+def _dataloaders(dataset: Any, batch_size: int, num_workers: int, shuffle: bool) -> Any:
+    """``from_datasets``' hooks: a DataLoader per dataset, in the shape the datasets were given."""
+    from torch.utils.data import DataLoader
+
+    def make(ds: Any) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+
+    if isinstance(dataset, Mapping):
+        return {key: make(ds) for key, ds in dataset.items()}
+    if isinstance(dataset, (list, tuple)):
+        return [make(ds) for ds in dataset]
+    return make(dataset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.parity.bodies import Regressor
 from tests.parity.harness import (
@@ -194,3 +195,40 @@ def test_clashing_module_and_datamodule_hparams_fail_fit_as_in_lightning(tmp_pat
     assert "'batch_size': 8 in the module, 4 in the datamodule" in str(outcome["raylight"])
     # Without a logger there is nothing to merge for, so no error (Lightning checks only for its loggers).
     assert _logged_hparams(tmp_path, {"batch_size": 8}, {}, with_logger=False) == {"lightning": [], "raylight": []}
+
+
+def test_from_datasets_serves_each_stage_as_lightning_does(tmp_path):
+    import pickle
+
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    train, val = loader(n=22).dataset, loader(n=10, seed=99).dataset
+
+    def describe(dm):
+        shape = {}
+        for hook in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            got = getattr(dm, hook)()
+            loaders = got if isinstance(got, list) else list(got.values()) if isinstance(got, dict) else [got]
+            shape[hook] = (type(got).__name__, [(len(dl), dl.batch_size, type(dl.sampler).__name__) for dl in loaders])
+        return shape
+
+    made = {}
+    for side in (PL, RL):
+        made[side] = side.DataModule.from_datasets(
+            train_dataset=train, val_dataset=[val, val], test_dataset={"a": val}, batch_size=4
+        )
+    assert describe(made[RL]) == describe(made[PL])
+    assert isinstance(made[RL].train_dataloader().sampler, RandomSampler)
+    assert isinstance(made[RL].val_dataloader()[0].sampler, SequentialSampler)
+    assert describe(pickle.loads(pickle.dumps(made[RL]))) == describe(made[RL])  # travels in a Ray job
+
+    # A fit on it trains as Lightning's does (shuffled the same way from the same seed).
+    plm, rlm = build_pair(Regressor)
+    runs = []
+    for side, model in ((PL, plm), (RL, rlm)):
+        dm = side.DataModule.from_datasets(train_dataset=train, val_dataset=val, batch_size=4)
+        trainer = side.trainer(str(tmp_path / side.name), max_epochs=2)
+        torch.manual_seed(1)
+        trainer.fit(model, datamodule=dm)
+        runs.append(Run(side, trainer, model))
+    assert_fit_parity(*runs)
