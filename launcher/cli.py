@@ -115,9 +115,9 @@ def _resume(args: argparse.Namespace) -> int:
     except SpecError as err:  # a damaged spec.json, or an override such as --num-workers -1
         print(f"raylight resume: {'; '.join(err.problems)}", file=sys.stderr)
         return 2
-    # last.ckpt where a ModelCheckpoint keeps one, else the newest checkpoint the run recorded, else the newest
-    # file in its checkpoints/ (a status.json that was lost or damaged).
-    checkpoint = run.last_checkpoint if os.path.exists(run.last_checkpoint) else run.read_status().get("last_checkpoint")
+    # The newest last*.ckpt where a ModelCheckpoint keeps one, else the newest checkpoint the run recorded, else the
+    # newest file in its checkpoints/ (a status.json that was lost or damaged).
+    checkpoint = run.newest_last_checkpoint() or run.read_status().get("last_checkpoint")
     if not checkpoint or not os.path.exists(checkpoint):
         checkpoint = run.newest_checkpoint()
     print(f"resuming {run.name} from {checkpoint or 'the start (no checkpoint was committed)'}", file=sys.stderr)

@@ -6,14 +6,19 @@ into the driver's run directory, so no shared filesystem is needed.
 
 Where files go (``log_dir``):
 
-- ``save_dir=None`` (the default): the Trainer calls :meth:`attach` with the
-  run directory ``<default_root_dir>/<run_name>/`` and files go straight into
-  it, or into ``<run dir>/<name>/<version>`` when ``name``/``version`` are
-  given (to keep two loggers of one kind apart).
 - ``save_dir`` given: files go to ``<save_dir>/<name>/<version>`` as in
-  Lightning, where ``version=None`` picks the next free ``version_N`` (once:
-  the first time the logger is used or copied, then it keeps it) and an int
-  ``N`` means ``version_N``.
+  Lightning (``name`` is ``"lightning_logs"`` unless given; ``None`` or ``""``
+  leaves it out), where ``version=None`` picks the next free ``version_N``
+  (once: the first time the logger is used or copied, then it keeps it) and
+  an int ``N`` means ``version_N``.
+- ``save_dir=None`` (the default): the Trainer calls :meth:`attach` with the
+  run directory ``<default_root_dir>/<run_name>/``, which is already this
+  run's own directory, so it takes the place of ``<save_dir>/<name>/<version>``
+  and files go straight into it; a ``name`` other than ``"lightning_logs"``
+  and a ``version``, when given, add ``<name>/<version>`` below it (to keep
+  two loggers of one kind apart).
+
+A TensorBoardLogger's ``sub_dir`` is one more directory at the end of either.
 
 A logger opens no file until it first writes, so it can be pickled (and
 shipped with the job) before :meth:`attach`; pickling drops open writers,
@@ -26,6 +31,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from argparse import Namespace
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["CSVLogger", "TensorBoardLogger"]
 
 _PREFIX_JOIN = "-"  # Lightning joins a logger prefix and a metric name with "-"
+DEFAULT_NAME = "lightning_logs"  # Lightning's loggers' default ``name``
 
 
 def _version_dirname(version: int | str) -> str:
@@ -98,6 +105,7 @@ class _DirectoryLogger:
         name: str | None,
         version: int | str | None,
         prefix: str,
+        sub_dir: str | os.PathLike[str] | None = None,
     ):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{type(self).__name__}(name={name!r}): expected a str (a sub-directory name) or ''")
@@ -113,6 +121,7 @@ class _DirectoryLogger:
         self._name = name or ""
         self._version = version
         self._prefix = prefix
+        self._sub_dir = os.fspath(sub_dir) if sub_dir is not None else None
         self._run_dir: str | None = None
         self._resume_step: int | None = None
         self._log_dir: str | None = None  # resolved on first use, then fixed
@@ -131,25 +140,38 @@ class _DirectoryLogger:
     def version(self) -> int | str | None:
         """The version; with a ``save_dir`` and no version given, the next free ``version_N`` number."""
         if self._version is None and self._save_dir is not None:
-            self._version = _next_version(os.path.join(self._save_dir, self._name))
+            self._version = _next_version(self.root_dir)
         return self._version
+
+    @property
+    def root_dir(self) -> str:
+        """The directory that holds the versions: ``<save_dir>/<name>``, or its place in the run directory."""
+        if self._save_dir is not None:
+            return os.path.normpath(os.path.join(self._save_dir, self._name))
+        if self._run_dir is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no directory yet: it was built with save_dir=None, so it writes"
+                " into the run directory, which the Trainer passes with attach(run_dir). Call attach()"
+                " first, or pass save_dir=..."
+            )
+        # The run directory is already this run's own: the default name adds nothing below it.
+        name = "" if self._name == DEFAULT_NAME else self._name
+        return os.path.normpath(os.path.join(self._run_dir, name))
+
+    @property
+    def sub_dir(self) -> str | None:
+        return self._sub_dir
 
     @property
     def log_dir(self) -> str:
         """The directory this logger writes into (see the module docstring)."""
         if self._log_dir is None:
-            if self._save_dir is not None:
-                base = os.path.join(self._save_dir, self._name)
-            elif self._run_dir is not None:
-                base = os.path.join(self._run_dir, self._name)
-            else:
-                raise RuntimeError(
-                    f"{type(self).__name__} has no directory yet: it was built with save_dir=None, so it writes"
-                    " into the run directory, which the Trainer passes with attach(run_dir). Call attach()"
-                    " first, or pass save_dir=..."
-                )
+            path = self.root_dir
             version = self.version
-            path = os.path.join(base, _version_dirname(version)) if version is not None else base
+            if version is not None:
+                path = os.path.join(path, _version_dirname(version))
+            if self._sub_dir:
+                path = os.path.join(path, self._sub_dir)
             self._log_dir = os.path.normpath(path)
         return self._log_dir
 
@@ -237,8 +259,11 @@ class _EventFile:
                              tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
         return Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor)
 
-    def hparams(self, flat: Mapping[str, bool | int | float | str]) -> list[Any]:
-        """The three summaries TensorBoard's HPARAMS tab reads: experiment, session start and end."""
+    def hparams(self, flat: Mapping[str, bool | int | float | str], metric_tags: list[str]) -> list[Any]:
+        """The three summaries TensorBoard's HPARAMS tab reads: experiment, session start and end.
+
+        ``metric_tags``: the scalars the tab shows beside the hyperparameters.
+        """
         from google.protobuf.struct_pb2 import Value
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -258,7 +283,10 @@ class _EventFile:
                 values[name], kind = Value(string_value=str(value)), api_pb2.DATA_TYPE_STRING
             infos.append(api_pb2.HParamInfo(name=name, type=kind))
         return [
-            summary(metadata.EXPERIMENT_TAG, experiment=api_pb2.Experiment(hparam_infos=infos)),
+            summary(metadata.EXPERIMENT_TAG, experiment=api_pb2.Experiment(
+                hparam_infos=infos,
+                metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_tags],
+            )),
             summary(metadata.SESSION_START_INFO_TAG, session_start_info=plugin_data_pb2.SessionStartInfo(hparams=values)),
             summary(metadata.SESSION_END_INFO_TAG,
                     session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)),
@@ -277,8 +305,13 @@ class TensorBoardLogger(_DirectoryLogger):
     Readable with ``tensorboard --logdir <log_dir>`` and with TensorBoard's
     ``EventAccumulator``. Scalars are tagged with the metric name (prefixed
     with ``prefix-`` when a prefix is given) at the logger step.
-    Hyperparameters appear in TensorBoard's HPARAMS tab and as a text entry
-    ``hparams``. ``writer_kwargs`` (``max_queue``, ``flush_secs``,
+    Hyperparameters appear as a text entry ``hparams`` and, with metrics
+    (``default_hp_metric=True`` logs ``hp_metric = -1`` at step 0, as
+    Lightning does, for ``self.log("hp_metric", ...)`` to fill in), in
+    TensorBoard's HPARAMS tab. ``log_graph=True`` adds the module's graph as
+    each fit/validate/test/predict starts, traced on the driver with the
+    module's ``example_input_array``. ``sub_dir`` is a directory below
+    ``<name>/<version>``. ``writer_kwargs`` (``max_queue``, ``flush_secs``,
     ``filename_suffix``) go to the event-file writer.
 
     ``experiment`` is a ``torch.utils.tensorboard.SummaryWriter`` on the same
@@ -291,17 +324,22 @@ class TensorBoardLogger(_DirectoryLogger):
     def __init__(
         self,
         save_dir: str | os.PathLike[str] | None = None,
-        name: str | None = "",
+        name: str | None = DEFAULT_NAME,
         version: int | str | None = None,
+        log_graph: bool = False,
+        default_hp_metric: bool = True,
         prefix: str = "",
+        sub_dir: str | os.PathLike[str] | None = None,
         **writer_kwargs: Any,
     ):
-        super().__init__(save_dir, name, version, prefix)
+        super().__init__(save_dir, name, version, prefix, sub_dir)
         unknown = sorted(set(writer_kwargs) - set(self._WRITER_KWARGS))
         if unknown:
             raise TypeError(
                 f"TensorBoardLogger got unknown writer arguments {unknown}; it accepts {list(self._WRITER_KWARGS)}"
             )
+        self._log_graph = bool(log_graph)
+        self._default_hp_metric = bool(default_hp_metric)
         self._writer_kwargs = writer_kwargs
         self._events: _EventFile | None = None
         self._writer: Any = None
@@ -333,8 +371,20 @@ class TensorBoardLogger(_DirectoryLogger):
         # flush() writes buffered events to the OS; it does not fsync, so this is cheap.
         events.flush()
 
-    def log_hyperparams(self, params: Mapping[str, Any] | Namespace) -> None:
-        """Hyperparameters for the HPARAMS tab (nested keys joined with "/") and a readable text table."""
+    def log_hyperparams(
+        self, params: Mapping[str, Any] | Namespace, metrics: Mapping[str, float] | float | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Hyperparameters as a readable text table and, with ``metrics``, for the HPARAMS tab (nested keys joined
+        with "/"); the metrics are logged as scalars at ``step`` (0 when None).
+
+        Without ``metrics``, ``default_hp_metric=True`` logs ``{"hp_metric": -1}``; a number is ``hp_metric``.
+        """
+        if metrics is None:
+            metrics = {"hp_metric": -1} if self._default_hp_metric else {}
+        elif not isinstance(metrics, Mapping):
+            metrics = {"hp_metric": metrics}
+        step = 0 if step is None else step
         plain = _plain(_as_dict(params))
         flat = {
             k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v))
@@ -342,9 +392,53 @@ class TensorBoardLogger(_DirectoryLogger):
         }
         events = self._event_file()
         rows = "\n".join(f"|{k}|{v}|" for k, v in flat.items())
-        events.add_summary(events.hparams(flat), step=0)
-        events.add_summary([events.text("hparams", f"|name|value|\n|-|-|\n{rows}")], step=0)
+        events.add_summary([events.text("hparams", f"|name|value|\n|-|-|\n{rows}")], step=step)
+        if metrics:
+            # As in Lightning, the HPARAMS tab is written only with metrics: hyperparameters logged without
+            # them would hide those a later log_hyperparams(params, metrics) call writes.
+            self.log_metrics(metrics, step)
+            events.add_summary(events.hparams(flat, [self._key(name) for name in metrics]), step=step)
         events.flush()
+
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        """With ``log_graph=True``, the module's graph, traced with ``input_array`` or its ``example_input_array``.
+
+        The Trainer calls it as each fit/validate/test/predict starts. Without an input it warns and logs nothing.
+        """
+        if not self._log_graph:
+            return
+        import torch
+
+        if input_array is None:
+            input_array = getattr(model, "example_input_array", None)
+        if not isinstance(input_array, (torch.Tensor, tuple)):
+            got = "it is not set" if input_array is None else f"it is a {type(input_array).__name__}"
+            warnings.warn(
+                f"TensorBoardLogger(log_graph=True) logged no graph of {type(model).__name__}: tracing it needs an "
+                f"example input and {got}. Set self.example_input_array in the module's __init__ to a tensor, or "
+                "to a tuple of the forward() arguments",
+                stacklevel=2,
+            )
+            return
+        device = next((p.device for p in model.parameters()), None)
+        if device is not None:  # a module left on an accelerator by an earlier in-process run
+            if isinstance(input_array, torch.Tensor):
+                input_array = input_array.to(device)
+            else:
+                input_array = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in input_array)
+        # The trace runs forward() here: it must not draw from the generators training goes on with.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                self.experiment.add_graph(model, input_array)
+            except Exception as err:  # noqa: BLE001 - a graph that cannot be traced must not stop the run
+                warnings.warn(
+                    f"TensorBoardLogger(log_graph=True) could not trace {type(model).__name__} with its example "
+                    f"input ({type(err).__name__}: {err}); the run goes on without the graph. Check that "
+                    "forward(example_input_array) runs, or pass log_graph=False",
+                    stacklevel=2,
+                )
+                return
+        self.experiment.flush()
 
     def flush(self) -> None:
         """Write buffered events to disk."""
@@ -392,7 +486,7 @@ class CSVLogger(_DirectoryLogger):
     def __init__(
         self,
         save_dir: str | os.PathLike[str] | None = None,
-        name: str | None = "",
+        name: str | None = DEFAULT_NAME,
         version: int | str | None = None,
         prefix: str = "",
         flush_logs_every_n_steps: int = 100,
@@ -420,7 +514,11 @@ class CSVLogger(_DirectoryLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one row (metrics plus ``step``); written every ``flush_logs_every_n_steps`` rows."""
         _ = self.log_dir  # fail now, not at the first flush, when there is nowhere to write
-        row = {self._key(k): float(v) for k, v in metrics.items()}
+        row: dict[str, float | int] = {self._key(k): float(v) for k, v in metrics.items()}
+        epoch = metrics.get("epoch")
+        if epoch is not None and float(epoch).is_integer():
+            # The loop's epoch counter arrives as a float like every metric; Lightning's file has 0, 1, 2.
+            row[self._key("epoch")] = int(epoch)
         row["step"] = step
         self._rows.append(row)
         if len(self._rows) >= self._flush_every:

@@ -25,8 +25,9 @@ from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
 from runtime.checkpoint.io import load_checkpoint
 from runtime.datamodule import LightningDataModule
-from runtime.engine import Engine
+from runtime.engine import Engine, with_module_callbacks
 from runtime.hparams import hparams_for_loggers
+from runtime.module import LightningModule
 from runtime.sinks import FanOutMetricsSink, LocalCheckpointSink
 
 
@@ -40,10 +41,11 @@ class Trainer:
     def __init__(self, **kwargs: Any):
         self.spec = TrainerSpec.from_kwargs(**kwargs)
         self.run_dir = RunDir.for_spec(self.spec)
-        self.callbacks: list[Any] = list(self.spec.callbacks)
-        if self.spec.enable_checkpointing and not any(isinstance(cb, ModelCheckpoint) for cb in self.callbacks):
+        # Every run starts from these; the module's configure_callbacks() ones replace those of their type.
+        self._callbacks: list[Any] = list(self.spec.callbacks)
+        if self.spec.enable_checkpointing and not any(isinstance(cb, ModelCheckpoint) for cb in self._callbacks):
             # Saving last.ckpt by default is what makes fit(ckpt_path="last") and `raylight resume` work.
-            self.callbacks.append(ModelCheckpoint(save_last=True))
+            self._callbacks.append(ModelCheckpoint(save_last=True))
         self.loggers = self._build_loggers(self.spec.logger)
         self._progress = ProgressBar(enabled=self.spec.enable_progress_bar)
         self._engine: Engine | None = None
@@ -74,7 +76,7 @@ class Trainer:
         resume_step = _log_resume_step(checkpoint)
         payload = self._save_job(model, train_dataloaders, val_dataloaders, datamodule)
         if self.spec.num_workers > 0:
-            self._start(resume_step=None)  # the sink actor trims the loggers for the resumed run
+            self._start(model, resume_step=None)  # the sink actor trims the loggers for the resumed run
             try:
                 self._run_on_ray(
                     "fit", model, path, checkpoint, train_dataloaders=train_dataloaders,
@@ -86,7 +88,7 @@ class Trainer:
             self._finish(self._engine, "finished")
             return
         engine = self._new_engine()
-        self._start(resume_step=resume_step)
+        self._start(model, resume_step=resume_step)
         try:
             engine.fit(model, train_dataloaders, val_dataloaders, datamodule, checkpoint, path)
         except BaseException:
@@ -116,14 +118,14 @@ class Trainer:
         model, ckpt_path = self._model_and_checkpoint(model, ckpt_path, "predict")
         path, checkpoint = self._resolve_checkpoint(ckpt_path)
         if self.spec.num_workers > 0:
-            with self._stage(create=not os.path.isdir(self.run_dir.path)):
+            with self._stage(model, create=not os.path.isdir(self.run_dir.path)):
                 result = self._run_on_ray(
                     "predict", model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule,
                     return_predictions=return_predictions,
                 )
             return result["predictions"]
         engine = self._new_engine(keep_progress=True)
-        with self._stage(create=False):
+        with self._stage(model, create=False):
             return engine.predict(model, dataloaders, datamodule, checkpoint, path, return_predictions)
 
     # ------------------------------------------------------------- properties
@@ -154,6 +156,12 @@ class Trainer:
     @property
     def state(self):
         return self._engine.state if self._engine is not None else None
+
+    @property
+    def callbacks(self) -> list[Any]:
+        """The last run's callbacks: the Trainer's, where ``configure_callbacks()`` returned one of the same type
+        the module's instead (as in Lightning); before any run, the Trainer's own."""
+        return self._engine.callbacks if self._engine is not None else self._callbacks
 
     @property
     def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
@@ -316,7 +324,7 @@ class Trainer:
             stage=stage,
             module=model,
             config=self.spec.to_run_config(self.run_dir.path),
-            callbacks=self.callbacks,
+            callbacks=self._callbacks,
             logger_count=len(self.loggers),
             progress_bar=self.spec.enable_progress_bar,
             stream_files=os.environ.get(STREAM_FILES_ENV, "") == "1",
@@ -352,7 +360,7 @@ class Trainer:
             run_name=self.run_dir.name,
             run_dir=self.run_dir.path,
         )
-        view = Engine(self.spec.to_run_config(self.run_dir.path), callbacks=self.callbacks, loggers=self.loggers)
+        view = Engine(self.spec.to_run_config(self.run_dir.path), callbacks=self._callbacks, loggers=self.loggers)
         view.lightning_module = model
         self._engine = view
         try:
@@ -360,7 +368,10 @@ class Trainer:
         finally:
             self._progress.finalize("finished")
         model.load_state_dict(result["state_dict"])
-        for cb in self.callbacks:
+        # The workers' callbacks stay on the workers, and their states come back: load them into this side's
+        # copies of the callbacks the run used, which include the module's own from configure_callbacks().
+        view.callbacks = with_module_callbacks(self._callbacks, model)
+        for cb in view.callbacks:
             state = result["callbacks"].get(cb.state_key)
             if state:
                 cb.load_state_dict(state)
@@ -378,7 +389,7 @@ class Trainer:
         sinks = [*self.loggers, self._progress]
         self._engine = Engine(
             self.spec.to_run_config(self.run_dir.path),
-            callbacks=self.callbacks,
+            callbacks=self._callbacks,
             metrics_sink=FanOutMetricsSink(sinks),
             checkpoint_sink=_RunDirCheckpointSink(self.run_dir),
             loggers=self.loggers,
@@ -391,7 +402,7 @@ class Trainer:
             )
         return self._engine
 
-    def _start(self, resume_step: int | None, create: bool = True) -> None:
+    def _start(self, model, resume_step: int | None, create: bool = True) -> None:
         if create:
             self.run_dir.create(self.spec)
             self.run_dir.write_status("running")
@@ -400,6 +411,16 @@ class Trainer:
         for logger in self.loggers:
             if hasattr(logger, "attach"):
                 logger.attach(self.run_dir.path, resume_step=resume_step)
+        graph_loggers = [logger for logger in self.loggers if hasattr(logger, "log_graph")]
+        if graph_loggers and isinstance(model, LightningModule):
+            # As Lightning does at every stage's start; traced here, on the driver, where the loggers are. Tracing
+            # reads every attribute of the module, `trainer` included, which raises while the module has none.
+            previous, model.trainer = model._trainer, self
+            try:
+                for logger in graph_loggers:
+                    logger.log_graph(model)
+            finally:
+                model.trainer = previous
 
     def _finish(self, engine: Engine, status: str) -> None:
         self._wait_for_job_file()
@@ -441,20 +462,21 @@ class Trainer:
         return path, load_checkpoint(path)
 
     def _find_last(self) -> str | None:
-        """For ``ckpt_path="last"``: the newest of this run's ``last.ckpt`` and the ``last*.ckpt`` files in each
-        ModelCheckpoint's own ``dirpath`` (as in Lightning); with neither, no ``run_name`` and no such dirpath,
+        """For ``ckpt_path="last"``: the newest ``last*.ckpt`` in this run's checkpoint directory and in each
+        ModelCheckpoint's own ``dirpath`` (as in Lightning: a ``last-v1.ckpt`` is the newer run's when two runs
+        shared a directory); with neither, no ``run_name`` and no such dirpath,
         the newest run's ``last.ckpt`` under ``default_root_dir``. None (with a warning) when there is none:
         a script can always pass "last" and start from the beginning the first time, as with Lightning.
         """
-        places = [self.run_dir.last_checkpoint]
         own_dirs = [
             cb.dirpath
             for cb in self.checkpoint_callbacks
             if cb.dirpath and os.path.realpath(cb.dirpath) != os.path.realpath(self.run_dir.checkpoint_dir)
         ]
+        places = [self.run_dir.newest_last_checkpoint()]
         for directory in own_dirs:
             places += glob.glob(os.path.join(directory, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*.ckpt"))
-        found = newest([path for path in places if os.path.isfile(path)])
+        found = newest([path for path in places if path and os.path.isfile(path)])
         if found is not None:
             return found
         searched = [self.run_dir.checkpoint_dir, *own_dirs]
@@ -494,9 +516,9 @@ class Trainer:
         return self._engine.lightning_module, ckpt_path
 
     @contextmanager
-    def _stage(self, create: bool) -> Iterator[None]:
+    def _stage(self, model, create: bool) -> Iterator[None]:
         """A validate/test/predict call: a run directory made for it alone ends with the call's status."""
-        self._start(resume_step=None, create=create)
+        self._start(model, resume_step=None, create=create)
         try:
             yield
         except BaseException as err:
@@ -512,12 +534,12 @@ class Trainer:
         create = not os.path.isdir(self.run_dir.path)
         if self.spec.num_workers > 0:
             stage = "test" if testing else "validate"
-            with self._stage(create):
+            with self._stage(model, create):
                 result = self._run_on_ray(stage, model, path, checkpoint, dataloaders=dataloaders, datamodule=datamodule)
             results = result["results"]
         else:
             engine = self._new_engine(keep_progress=True)
-            with self._stage(create):
+            with self._stage(model, create):
                 results = (engine.test if testing else engine.validate)(model, dataloaders, datamodule, checkpoint, path)
         if verbose:
             _print_results(results, "Test" if testing else "Validate")

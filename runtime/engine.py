@@ -426,11 +426,7 @@ class Engine:
         self.state = TrainerState(fn=fn, status="running")
         self.should_stop = False
         self._callback_metrics, self._logged_metrics, self._progress_bar_metrics = {}, {}, {}
-        extra = module.configure_callbacks() or []
-        if extra:
-            extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
-            kinds = {type(cb) for cb in extra}
-            self.callbacks = [cb for cb in self.callbacks if type(cb) not in kinds] + extra
+        self.callbacks = with_module_callbacks(self.callbacks, module)
         if fn is TrainerFn.FITTING and self.config.enable_checkpointing and not self.checkpoint_callbacks:
             self.callbacks.append(ModelCheckpoint())
         if not self.config.enable_checkpointing and self.checkpoint_callbacks:
@@ -942,6 +938,9 @@ class Engine:
     def _save_preemption_checkpoint(self) -> None:
         """A just-in-time checkpoint at a step boundary, written where ``ckpt_path="last"`` looks."""
         ckpt = self.checkpoint_callback
+        if ckpt is not None and ckpt.last_model_path:
+            self.save_checkpoint(ckpt.last_model_path)  # last-v1.ckpt where an earlier run's last.ckpt was kept
+            return
         directory = ckpt.dirpath if ckpt is not None and ckpt.dirpath else self.default_checkpoint_dir
         self.save_checkpoint(os.path.join(directory, "last.ckpt"))
 
@@ -1003,3 +1002,14 @@ def _as_given(prepared: list[PreparedLoader] | None) -> Any:
         return None
     loaders = [p.loader for p in prepared]
     return loaders[0] if len(loaders) == 1 else loaders
+
+
+def with_module_callbacks(callbacks: list[Any], module: LightningModule) -> list[Any]:
+    """``callbacks`` with those ``module.configure_callbacks()`` returns replacing the ones of their type, as in
+    Lightning (a Ray run's driver applies the same rule to know whose states the workers sent back)."""
+    extra = module.configure_callbacks() or []
+    if not extra:
+        return list(callbacks)
+    extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    kinds = {type(cb) for cb in extra}
+    return [cb for cb in callbacks if type(cb) not in kinds] + extra

@@ -152,7 +152,7 @@ def test_csv_widens_header_when_new_keys_appear(tmp_path):
     assert rows == [
         {"epoch": "", "step": "0", "train_loss": "1.5", "val_loss": ""},
         {"epoch": "", "step": "1", "train_loss": "1.25", "val_loss": ""},
-        {"epoch": "0.0", "step": "1", "train_loss": "", "val_loss": "0.5"},
+        {"epoch": "0", "step": "1", "train_loss": "", "val_loss": "0.5"},
         {"epoch": "", "step": "2", "train_loss": "1.0", "val_loss": ""},
         {"epoch": "", "step": "3", "train_loss": "0.75", "val_loss": ""},
     ]
@@ -262,7 +262,83 @@ def test_log_dir_layout(cls, tmp_path):
     second = cls(save_dir=save_dir, name="exp")
     assert second.log_dir == os.path.join(str(save_dir), "exp", "version_1")
     assert second.version == 1
-    assert cls(save_dir=str(save_dir), version="final").log_dir == os.path.join(str(save_dir), "final")
+    assert cls(save_dir=str(save_dir), version="final").log_dir == os.path.join(str(save_dir), "lightning_logs", "final")
+    assert cls(save_dir=str(save_dir), name="", version="final").log_dir == os.path.join(str(save_dir), "final")
+
+
+@pytest.mark.parametrize("cls", [TensorBoardLogger, CSVLogger])
+def test_save_dir_name_version_and_root_dir_as_in_lightning(cls, tmp_path):
+    save_dir = str(tmp_path / "logs")
+    logger = cls(save_dir)
+    assert (logger.save_dir, logger.name) == (save_dir, "lightning_logs")
+    assert logger.root_dir == os.path.join(save_dir, "lightning_logs")
+    assert logger.version == 0 and logger.log_dir == os.path.join(save_dir, "lightning_logs", "version_0")
+    os.makedirs(logger.log_dir)
+    assert cls(save_dir).log_dir == os.path.join(save_dir, "lightning_logs", "version_1")
+    for no_name in ("", None):
+        unnamed = cls(save_dir, name=no_name)
+        assert unnamed.name == "" and unnamed.root_dir == save_dir
+        assert unnamed.log_dir == os.path.join(save_dir, "version_0")
+
+    # Without a save_dir the run directory is the run's own directory: the default name adds nothing below it.
+    in_run = cls()
+    in_run.attach(str(tmp_path / "run"))
+    assert in_run.name == "lightning_logs" and in_run.root_dir == in_run.log_dir == str(tmp_path / "run")
+
+
+def test_tensorboard_sub_dir_is_below_the_version(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="exp", version=3, sub_dir="fold1")
+    assert logger.sub_dir == "fold1"
+    assert logger.root_dir == str(tmp_path / "exp")
+    assert logger.log_dir == str(tmp_path / "exp" / "version_3" / "fold1")
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.finalize("finished")
+    assert _scalars(str(tmp_path / "exp" / "version_3" / "fold1")) == {"loss": [(0, 1.0)]}
+
+
+def _hparams_tab(log_dir: str):
+    """What TensorBoard's HPARAMS tab reads: (hyperparameter names, metric tags), or None when nothing was written."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(log_dir)
+    acc.Reload()
+    try:
+        content = acc.PluginTagToContent("hparams")
+    except KeyError:
+        return None
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    return [h.name for h in experiment.hparam_infos], [m.name.tag for m in experiment.metric_infos]
+
+
+def test_tensorboard_default_hp_metric_as_in_lightning(tmp_path):
+    # True (the default): hp_metric = -1 at step 0, the HPARAMS tab's metric, for self.log("hp_metric", ...).
+    default = TensorBoardLogger(str(tmp_path), name="default", prefix="fold1")
+    default.log_hyperparams({"lr": 0.1})
+    default.finalize("finished")
+    assert _scalars(default.log_dir) == {"fold1-hp_metric": [(0, -1.0)]}
+    assert _hparams_tab(default.log_dir) == (["lr"], ["fold1-hp_metric"])
+
+    # False: no hp_metric, and no HPARAMS tab until hyperparameters are logged with metrics of the script's own.
+    off = TensorBoardLogger(str(tmp_path), name="off", default_hp_metric=False)
+    off.log_hyperparams({"lr": 0.1})
+    off.flush()
+    assert _scalars(off.log_dir) == {} and _hparams_tab(off.log_dir) is None
+    off.log_hyperparams({"lr": 0.1}, {"hp/val_acc": 0.5, "hp/val_loss": 0.25})
+    off.finalize("finished")
+    assert _scalars(off.log_dir) == {"hp/val_acc": [(0, 0.5)], "hp/val_loss": [(0, 0.25)]}
+    assert _hparams_tab(off.log_dir) == (["lr"], ["hp/val_acc", "hp/val_loss"])
+
+
+@pytest.mark.parametrize("prefix", ["", "fold1"])
+def test_csv_writes_the_epoch_as_an_integer_as_lightning_does(prefix, tmp_path):
+    logger = CSVLogger(str(tmp_path), prefix=prefix)
+    logger.log_metrics({"val_loss": 0.5, "epoch": 1.0}, step=3)
+    logger.log_metrics({"acc": 1.0}, step=4)
+    logger.finalize("finished")
+    epoch = f"{prefix}-epoch" if prefix else "epoch"
+    rows = _csv_rows(logger.metrics_file_path)[1]
+    assert [(r[epoch], r["step"]) for r in rows] == [("1", "3"), ("", "4")]
+    assert rows[1][f"{prefix}-acc" if prefix else "acc"] == "1.0"  # a metric stays a float
 
 
 @pytest.mark.parametrize("cls", [TensorBoardLogger, CSVLogger])

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from launcher import CSVLogger, TensorBoardLogger, Trainer
 from launcher.spec import SpecError
-from runtime import LightningModule, seed_everything
+from runtime import LightningModule, ModelCheckpoint, seed_everything
 from runtime.sinks import MetricsSink
 
 
@@ -354,3 +355,147 @@ def test_a_run_directory_made_by_an_evaluation_alone_ends_with_its_status(tmp_pa
     with pytest.raises(ValueError, match="broken step"):
         getattr(failing, stage)(Broken(), loader, verbose=False)
     assert json.loads((tmp_path / f"broken-{stage}" / "status.json").read_text())["status"] == "failed"
+
+
+class _OwnCheckpoint(Regressor):
+    """Keeps its best epoch by val_loss in a directory of its own, through configure_callbacks (as in Lightning)."""
+
+    def __init__(self, dirpath: str):
+        super().__init__()
+        self.dirpath = dirpath
+        self.val_losses: list[float] = []
+
+    def on_validation_epoch_end(self):
+        if self.trainer.state.fn.value == "fit":
+            self.val_losses.append(float(self.trainer.callback_metrics["val_loss"]))
+
+    def configure_callbacks(self):
+        return [ModelCheckpoint(dirpath=self.dirpath, monitor="val_loss", save_top_k=1, filename="best-{epoch}",
+                                save_last=True)]
+
+
+def test_a_configure_callbacks_model_checkpoint_is_the_trainers_checkpoint_callback(tmp_path):
+    seed_everything(0)
+    own = tmp_path / "own"
+    model = _OwnCheckpoint(str(own))
+    trainer = Trainer(max_epochs=4, default_root_dir=str(tmp_path), run_name="cc", logger=False,
+                      enable_progress_bar=False, num_sanity_val_steps=0)
+    train, val = _loaders()
+    trainer.fit(model, train, val)
+
+    # It replaced the Trainer's own ModelCheckpoint, as in Lightning.
+    ckpt = trainer.checkpoint_callback
+    assert trainer.checkpoint_callbacks == [ckpt]
+    assert [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)] == [ckpt]
+    best_epoch = min(range(4), key=model.val_losses.__getitem__)
+    assert ckpt.monitor == "val_loss"
+    assert ckpt.best_model_path == str(own / f"best-epoch={best_epoch}.ckpt")
+    assert float(ckpt.best_model_score) == pytest.approx(model.val_losses[best_epoch])
+    assert ckpt.last_model_path == str(own / "last.ckpt")
+    status = json.loads((tmp_path / "cc" / "status.json").read_text())
+    assert status["best_checkpoint"] == ckpt.best_model_path
+
+    assert trainer.validate(model, val, ckpt_path="best", verbose=False)[0]["val_loss"] == pytest.approx(
+        model.val_losses[best_epoch], abs=1e-6
+    )
+    # "last" is the module's ModelCheckpoint's own last.ckpt: the trained weights, not these.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no last checkpoint" warning
+        last = trainer.validate(model, val, ckpt_path="last", verbose=False)[0]["val_loss"]
+    assert last == pytest.approx(model.val_losses[-1], abs=1e-6)
+
+
+class _Graphed(Regressor):
+    """A dropout layer, so that tracing forward() would draw from the generators if it were let to."""
+
+    def __init__(self, with_input: bool = True):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+        if with_input:
+            self.example_input_array = torch.zeros(2, 4)
+
+
+def test_tensorboard_log_graph_traces_the_module_with_its_example_input(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    weights = {}
+    for log_graph in (True, False):
+        seed_everything(0)
+        model = _Graphed()
+        logger = TensorBoardLogger(str(tmp_path / "tb"), name=f"graph-{log_graph}", log_graph=log_graph)
+        trainer = Trainer(max_epochs=1, default_root_dir=str(tmp_path), logger=logger, enable_progress_bar=False)
+        trainer.fit(model, _loaders()[0])
+        acc = EventAccumulator(logger.log_dir)
+        acc.Reload()
+        assert acc.Tags()["graph"] is log_graph
+        weights[log_graph] = [p.detach().clone() for p in model.parameters()]
+    # Tracing ran forward() with dropout, and training went on from the same generator state all the same.
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+    logger = TensorBoardLogger(str(tmp_path / "tb"), name="no-input", log_graph=True)
+    trainer = Trainer(max_epochs=1, default_root_dir=str(tmp_path), logger=logger, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=r"log_graph=True.*no graph of _Graphed.*self\.example_input_array"):
+        trainer.fit(_Graphed(with_input=False), _loaders()[0])
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert acc.Tags()["graph"] is False and "train_loss_epoch" in acc.Tags()["scalars"]
+
+
+def test_loggers_with_a_save_dir_write_where_lightnings_do_and_metrics_csv_has_integer_epochs(tmp_path):
+    save_dir = tmp_path / "logs"
+    os.makedirs(save_dir / "lightning_logs" / "version_0")  # an earlier run's
+    tensorboard, csv_logger = TensorBoardLogger(str(save_dir)), CSVLogger(str(tmp_path / "csv"))
+    trainer = Trainer(max_epochs=2, default_root_dir=str(tmp_path), logger=[tensorboard, csv_logger],
+                      log_every_n_steps=2, enable_progress_bar=False)
+    trainer.fit(Regressor(), *_loaders())
+    # Lightning's default name, and the next free version.
+    assert tensorboard.log_dir == str(save_dir / "lightning_logs" / "version_1") == trainer.log_dir
+    assert csv_logger.log_dir == str(tmp_path / "csv" / "lightning_logs" / "version_0")
+
+    with open(tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["epoch"] for row in rows} == {"0", "1"}  # as Lightning writes them, not 0.0 and 1.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tensorboard.log_dir)
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("hp_metric")] == [(0, -1.0)]  # default_hp_metric=True
+
+
+class _CountsSteps(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.steps_trained = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_trained += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_run_repeated_under_its_run_name_keeps_the_first_runs_last_checkpoint_and_resumes_from_its_own(tmp_path):
+    """A second fresh fit into the same run directory gets last-v1.ckpt; "last" and `raylight resume` take the
+    newest of them, the second run's, not the first run's last.ckpt."""
+    def trainer(epochs):
+        return Trainer(max_epochs=epochs, default_root_dir=str(tmp_path), run_name="same", logger=False,
+                       enable_progress_bar=False, num_sanity_val_steps=0)
+
+    trainer(1).fit(_CountsSteps(), *_loaders())  # 5 steps an epoch
+    with pytest.warns(UserWarning, match=r"already holds 2 file"):
+        trainer(2).fit(_CountsSteps(), *_loaders())
+    checkpoints = tmp_path / "same" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last-v1.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert torch.load(checkpoints / "last-v1.ckpt", weights_only=True)["global_step"] == 10
+
+    resumed = _CountsSteps()
+    third = trainer(3)
+    third.fit(resumed, *_loaders(), ckpt_path="last")
+    assert (resumed.steps_trained, third.global_step) == (5, 15)  # from the second run's step 10
+    assert third.checkpoint_callback.last_model_path == str(checkpoints / "last-v1.ckpt")
+    from launcher.run_dir import RunDir
+
+    assert RunDir(str(tmp_path / "same")).newest_last_checkpoint() == str(checkpoints / "last-v1.ckpt")

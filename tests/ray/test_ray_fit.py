@@ -633,3 +633,46 @@ def test_rank_one_failing_in_training_step_fails_the_run_on_the_driver(ray_clust
         time.sleep(0.5)
     assert not [rank for rank, pid in pids.items() if _running(pid)], pids
     print(f"\nFAULT rank-1-raises: WorkerError naming rank 1 after {elapsed:.1f} s, no worker left")
+
+
+class OwnCheckpointRegression(LightningModule):
+    """Keeps its best epoch by val_loss through configure_callbacks, in a directory of its own."""
+
+    def __init__(self, dirpath: str):
+        super().__init__()
+        self.dirpath = dirpath
+        self.net = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self.net(x), y), sync_dist=True)
+
+    def configure_callbacks(self):
+        return ModelCheckpoint(dirpath=self.dirpath, monitor="val_loss", save_top_k=1, filename="best-{epoch}")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_configure_callbacks_model_checkpoint_reaches_the_driver(ray_cluster, tmp_path):
+    """Its state comes back from the workers into trainer.checkpoint_callback, so ckpt_path="best" finds it."""
+    seed_everything(0)
+    own = tmp_path / "own"
+    trainer = Trainer(
+        num_workers=1, address=ray_cluster, default_root_dir=str(tmp_path), run_name="cc", max_epochs=3,
+        enable_progress_bar=False, logger=False, num_sanity_val_steps=0,
+    )
+    model = OwnCheckpointRegression(str(own))
+    val = DataLoader(_data(VAL_SAMPLES, seed=1), batch_size=VAL_BATCH)
+    trainer.fit(model, DataLoader(_data(SAMPLES, seed=0), batch_size=BATCH), val)
+
+    ckpt = trainer.checkpoint_callback
+    assert trainer.checkpoint_callbacks == [ckpt] and ckpt.monitor == "val_loss"
+    assert [os.path.basename(p) for p in sorted(own.iterdir())] == [os.path.basename(ckpt.best_model_path)]
+    assert ckpt.best_model_path == str(own / os.path.basename(ckpt.best_model_path))
+    result = trainer.validate(model, val, ckpt_path="best", verbose=False)
+    assert result[0]["val_loss"] == pytest.approx(float(ckpt.best_model_score), abs=1e-6)
