@@ -106,6 +106,7 @@ class Engine:
         self._train_loader: PreparedLoader | None = None
         self._val_loaders: list[PreparedLoader] | None = None
         self._stage_loaders: dict[str, list[PreparedLoader]] = {}  # a validate/test/predict call's
+        self._module_callbacks: list[Any] = []  # see _attach
         self._has_val = False
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
@@ -426,7 +427,10 @@ class Engine:
         self.state = TrainerState(fn=fn, status="running")
         self.should_stop = False
         self._callback_metrics, self._logged_metrics, self._progress_bar_metrics = {}, {}, {}
-        self.callbacks = with_module_callbacks(self.callbacks, module)
+        given = self.callbacks
+        self.callbacks = with_module_callbacks(given, module)
+        # configure_callbacks() builds these anew at every call: see _restore_module_callbacks.
+        self._module_callbacks = [cb for cb in self.callbacks if not any(cb is g for g in given)]
         if fn is TrainerFn.FITTING and self.config.enable_checkpointing and not self.checkpoint_callbacks:
             self.callbacks.append(ModelCheckpoint())
         if not self.config.enable_checkpointing and self.checkpoint_callbacks:
@@ -460,6 +464,8 @@ class Engine:
             module.to(self.strategy.root_device)
             self.precision_plugin.convert_module(module)
             checkpoint = self._load(ckpt, ckpt_path)
+            if checkpoint is not None and self.state.fn is not TrainerFn.FITTING:
+                self._restore_module_callbacks(checkpoint)
             result = impl(checkpoint)
             self.hooks.teardown(stage)
             self.state.status = "finished"
@@ -477,6 +483,16 @@ class Engine:
             self._active_collector = None
             self._ddp_model = None
             module._collector = None
+
+    def _restore_module_callbacks(self, checkpoint: dict[str, Any]) -> None:
+        """An evaluated checkpoint's state for the callbacks configure_callbacks() returned anew, as Lightning
+        restores every callback's (so a ModelCheckpoint of the module's still knows its best file). The Trainer's
+        own keep theirs: test(ckpt_path="best") must not rewind the fit's ModelCheckpoint to the best epoch's view.
+        """
+        states = checkpoint.get("callbacks", {})
+        for cb in self._module_callbacks:
+            if cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
 
     def _load(self, ckpt: dict[str, Any] | str | None, ckpt_path: str | None) -> dict[str, Any] | None:
         if ckpt is None:

@@ -406,6 +406,11 @@ def test_a_configure_callbacks_model_checkpoint_is_the_trainers_checkpoint_callb
         warnings.simplefilter("error")  # no "no last checkpoint" warning
         last = trainer.validate(model, val, ckpt_path="last", verbose=False)[0]["val_loss"]
     assert last == pytest.approx(model.val_losses[-1], abs=1e-6)
+    # Each call builds the module's ModelCheckpoint anew; one evaluating a checkpoint takes that checkpoint's
+    # state for it, as Lightning does, so "best" still names the fit's best after those validate calls.
+    assert trainer.checkpoint_callback.best_model_path == str(own / f"best-epoch={best_epoch}.ckpt")
+    again = trainer.validate(model, val, ckpt_path="best", verbose=False)[0]["val_loss"]
+    assert again == pytest.approx(model.val_losses[best_epoch], abs=1e-6)
 
 
 class _Graphed(Regressor):
