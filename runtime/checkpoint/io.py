@@ -57,7 +57,7 @@ _SAFE_LEAF_TYPES: tuple[type, ...] = (
     torch.Size,
     torch.device,
 )
-_SAFE_MAPPING_TYPES: tuple[type, ...] = (dict, collections.OrderedDict)
+_SAFE_MAPPING_TYPES: tuple[type, ...] = (dict, collections.OrderedDict, collections.Counter)  # MultiStepLR: Counter
 _SAFE_SEQUENCE_TYPES: tuple[type, ...] = (list, tuple)
 _SAFE_KEY_TYPES: tuple[type, ...] = (str, int)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.parity.bodies import Regressor
-from tests.parity.harness import assert_fit_parity, loader, lrs, run_both
+from tests.parity.harness import RL, assert_fit_parity, loader, lrs, module_class, run_both
 
 
 def _sgd(module):
@@ -71,6 +71,18 @@ def _list_of_one_dict(m):
     return [{"optimizer": opt, "lr_scheduler": {"scheduler": _step_lr(opt), "interval": "step"}}]
 
 
+def _multistep(m):
+    opt = _sgd(m)
+    return [opt], [torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.5)]
+
+
+def _sequential(m):
+    opt = _sgd(m)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=1)
+    steps = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.5)
+    return [opt], [torch.optim.lr_scheduler.SequentialLR(opt, [warmup, steps], milestones=[1])]
+
+
 FORMATS = {
     "optimizer": _single,
     "[optimizer]": _list,
@@ -82,6 +94,8 @@ FORMATS = {
     "ReduceLROnPlateau interval=step monitor=train_loss": _plateau_step_interval_train_metric,
     "{optimizer, lr_scheduler: {interval=epoch, frequency=2}}": _epoch_interval_frequency_2,
     "[{optimizer, lr_scheduler}]": _list_of_one_dict,
+    "MultiStepLR": _multistep,
+    "SequentialLR of LinearLR and MultiStepLR": _sequential,
 }
 
 
@@ -185,3 +199,25 @@ def test_an_unknown_key_next_to_the_optimizer_is_ignored_with_a_warning(tmp_path
         pl_run, rl_run = run_both(SchedulerKeyAtTheTop, tmp_path=tmp_path, trainer_args=dict(max_epochs=3))
     assert_fit_parity(pl_run, rl_run)
     assert lrs(_optimizers(rl_run)) == pytest.approx(lrs(_optimizers(pl_run)), abs=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["MultiStepLR", "SequentialLR of LinearLR and MultiStepLR"])
+def test_a_scheduler_whose_state_holds_a_counter_is_checkpointed_and_resumes(tmp_path, fmt):
+    """MultiStepLR keeps its milestones in a collections.Counter, which torch.load(weights_only=True) reads."""
+    from launcher import Trainer
+
+    def fit(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = module_class(ConfiguredRegressor, RL)(fmt=fmt)
+        trainer = Trainer(max_epochs=epochs, num_workers=0, default_root_dir=str(tmp_path), run_name=f"r{epochs}",
+                          logger=False, enable_progress_bar=False, num_sanity_val_steps=0)
+        trainer.fit(model, loader(n=22), ckpt_path=ckpt_path)
+        return model, trainer
+
+    full, _ = fit(3)
+    _, first = fit(2)
+    saved = torch.load(first.checkpoint_callback.last_model_path, weights_only=True)
+    resumed, second = fit(3, ckpt_path=first.checkpoint_callback.last_model_path)
+    assert saved["lr_schedulers"][0] == first.lr_scheduler_configs[0].scheduler.state_dict()
+    assert lrs(second.optimizers) == lrs(full.trainer.optimizers)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), full.state_dict().values()))
