@@ -33,7 +33,7 @@ from runtime.loops.optimization import AutomaticOptimization, ManualOptimization
 from runtime.loops.prediction import PredictionLoop
 from runtime.module import LightningModule
 from runtime.optimizers import LRSchedulerConfig, parse_optimizers, scheduler_configs
-from runtime.precision import Precision
+from runtime.precision import Precision, requires_closure
 from runtime.seed import capture_rng_state, restore_rng_state
 from runtime.sinks import CheckpointSink, LocalCheckpointSink, MetricsSink, NullMetricsSink, Progress
 from runtime.state import RunningStage, TrainerFn, TrainerState
@@ -107,6 +107,7 @@ class Engine:
         self._val_loaders: list[PreparedLoader] | None = None
         self._stage_loaders: dict[str, list[PreparedLoader]] = {}  # a validate/test/predict call's
         self._module_callbacks: list[Any] = []  # see _attach
+        self._closure_optimizers: set[int] = set()  # see _configure_optimizers
         self._has_val = False
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
@@ -584,8 +585,12 @@ class Engine:
                 f"configure_optimizers() returned {len(optimizers)} optimizers; several optimizers need manual "
                 "optimization: set `self.automatic_optimization = False` and step them in training_step"
             )
+        for optimizer in optimizers:
+            self.precision_plugin.check_optimizer(optimizer)
         self.optimizers = optimizers
         self._optimizer_wrappers = [OptimizerWrapper(opt, self) for opt in optimizers]
+        # LBFGS and the like call the closure themselves; every other optimizer steps after it has run.
+        self._closure_optimizers = {id(opt) for opt in optimizers if requires_closure(opt)}
         self.lr_scheduler_configs = scheduler_configs(schedulers, monitor, optimizers, module.automatic_optimization)
 
     def _train_dataloader_source(self) -> Any:
@@ -812,6 +817,10 @@ class Engine:
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Any, **kwargs: Any) -> Any:
         plugin = self.precision_plugin
+        if closure is not None and id(optimizer) in self._closure_optimizers:
+            result = plugin.closure_optimizer_step(optimizer, closure, self._after_closure, **kwargs)
+            self.global_step += 1
+            return result
         result = closure() if closure is not None else None
         # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
         skipped = plugin.scaler is not None and closure is not None and result is None

@@ -8,6 +8,7 @@ convert the module and the floating-point inputs to that dtype.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -73,9 +74,37 @@ class Precision:
         self.scaler.step(optimizer, **kwargs)
         self.scaler.update()
 
+    def closure_optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], after_closure: Callable[[Optimizer], None], **kwargs: Any
+    ) -> Any:
+        """Step an optimizer that evaluates the closure itself, maybe several times (LBFGS): the hooks and
+        clipping follow every evaluation, before the optimizer reads the gradients."""
+
+        def evaluate() -> Any:
+            result = closure()
+            after_closure(optimizer)
+            return result
+
+        return optimizer.step(closure=evaluate, **kwargs)
+
+    def check_optimizer(self, optimizer: Optimizer) -> None:
+        """Refuse an optimizer this precision cannot step."""
+        if self.scaler is not None and requires_closure(optimizer):
+            raise ValueError(
+                f"precision='16-mixed' cannot step {type(optimizer).__name__}: its step() evaluates the closure "
+                "itself, and a GradScaler must unscale the gradients between the closure and the step (as in "
+                "Lightning, where AMP and LBFGS are not compatible). Use precision='bf16-mixed' or '32-true'"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def requires_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure to call (LBFGS), rather than stepping on gradients."""
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty

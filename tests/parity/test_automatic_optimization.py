@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 import runtime
 from runtime.errors import MisconfigurationError
@@ -172,3 +173,34 @@ def test_precision(tmp_path, precision):
     )
     assert_fit_parity(pl_run, rl_run)
     assert next(rl_run.model.parameters()).dtype == next(pl_run.model.parameters()).dtype
+
+
+class LBFGSRegressor(Regressor):
+    """LBFGS evaluates the closure (training_step and backward) several times per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+def test_an_optimizer_that_calls_the_closure_itself_trains_as_in_lightning(tmp_path):
+    pl_run, rl_run = run_both(LBFGSRegressor, tmp_path=tmp_path, trainer_args={"max_epochs": 2,
+                                                                                "gradient_clip_val": 0.5})
+    assert_fit_parity(pl_run, rl_run)
+    assert rl_run.model.training_steps == pl_run.model.training_steps > 2 * rl_run.trainer.global_step
+
+
+def test_16_mixed_refuses_an_optimizer_that_calls_the_closure_itself(tmp_path):
+    from launcher import Trainer
+
+    model = module_class(LBFGSRegressor, RL)()
+    trainer = Trainer(max_epochs=1, num_workers=0, precision="16-mixed", default_root_dir=str(tmp_path), logger=False)
+    with pytest.raises(ValueError, match=r"precision='16-mixed' cannot step LBFGS.*'bf16-mixed' or '32-true'"):
+        trainer.fit(model, loader())

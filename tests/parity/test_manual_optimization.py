@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.parity.bodies import Regressor
 from tests.parity.harness import assert_fit_parity, loader, lrs, run_both
 
 
@@ -154,3 +155,34 @@ def test_toggled_optimizer_context_manager(tmp_path):
     pl_run, rl_run = run_both(TwoPlayerWithToggledOptimizer, tmp_path=tmp_path, trainer_args=dict(max_epochs=1))
     assert_fit_parity(pl_run, rl_run)
     assert all(p.requires_grad for p in rl_run.model.parameters()), "untoggled after the block"
+
+
+class ManualLBFGS(Regressor):
+    """opt.step(closure=...) with an optimizer that evaluates the closure several times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.closure_calls = 0
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure():
+            self.closure_calls += 1
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        self.log("train_loss", opt.step(closure=closure))
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+def test_manual_step_with_a_closure_evaluating_optimizer(tmp_path):
+    pl_run, rl_run = run_both(ManualLBFGS, tmp_path=tmp_path, trainer_args={"max_epochs": 2})
+    assert_fit_parity(pl_run, rl_run)
+    assert rl_run.model.closure_calls == pl_run.model.closure_calls > 2 * rl_run.trainer.global_step
