@@ -312,7 +312,7 @@ class LightningModule(nn.Module):
         gradient_clip_val = trainer_val if gradient_clip_val is None else gradient_clip_val
         if gradient_clip_val is None or gradient_clip_val == 0:
             return
-        algorithm = gradient_clip_algorithm or trainer_algorithm or "norm"
+        algorithm = str(gradient_clip_algorithm or trainer_algorithm or "norm").lower()  # "Norm" too, as in Lightning
         optimizer = getattr(optimizer, "optimizer", optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if algorithm == "norm":

@@ -204,3 +204,14 @@ def test_16_mixed_refuses_an_optimizer_that_calls_the_closure_itself(tmp_path):
     trainer = Trainer(max_epochs=1, num_workers=0, precision="16-mixed", default_root_dir=str(tmp_path), logger=False)
     with pytest.raises(ValueError, match=r"precision='16-mixed' cannot step LBFGS.*'bf16-mixed' or '32-true'"):
         trainer.fit(model, loader())
+
+
+class ClipsWithACapitalisedAlgorithm(Regressor):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="Value")
+
+
+def test_clip_gradients_takes_the_algorithm_in_any_case(tmp_path):
+    pl_run, rl_run = run_both(ClipsWithACapitalisedAlgorithm, tmp_path=tmp_path, init_args={"lr": 0.5},
+                              trainer_args=dict(max_epochs=2))
+    assert_fit_parity(pl_run, rl_run)
