@@ -23,6 +23,7 @@ from launcher.run_dir import RunDir, end_status, find_last_checkpoint, newest
 from launcher.submit import SUBMISSION_ENV, publish_run_dir
 from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
+from runtime.callbacks.base import check_unique_state_keys
 from runtime.checkpoint.io import load_checkpoint
 from runtime.datamodule import LightningDataModule
 from runtime.engine import Engine, with_module_callbacks
@@ -46,6 +47,7 @@ class Trainer:
         if self.spec.enable_checkpointing and not any(isinstance(cb, ModelCheckpoint) for cb in self._callbacks):
             # Saving last.ckpt by default is what makes fit(ckpt_path="last") and `raylight resume` work.
             self._callbacks.append(ModelCheckpoint(save_last=True))
+        check_unique_state_keys(self._callbacks)  # here, before a Ray run would find it on its workers
         self.loggers = self._build_loggers(self.spec.logger)
         self._progress = ProgressBar(enabled=self.spec.enable_progress_bar)
         self._engine: Engine | None = None

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from runtime.callbacks.base import Callback
+from runtime.callbacks.base import Callback, check_unique_state_keys
 from runtime.callbacks.early_stopping import EarlyStopping
 from runtime.callbacks.model_checkpoint import ModelCheckpoint
 from runtime.checkpoint.io import CheckpointError, check_state_dict_compatible, load_checkpoint, required_keys
@@ -430,6 +430,7 @@ class Engine:
         self._callback_metrics, self._logged_metrics, self._progress_bar_metrics = {}, {}, {}
         given = self.callbacks
         self.callbacks = with_module_callbacks(given, module)
+        check_unique_state_keys(self.callbacks)
         # configure_callbacks() builds these anew at every call: see _restore_module_callbacks.
         self._module_callbacks = [cb for cb in self.callbacks if not any(cb is g for g in given)]
         if fn is TrainerFn.FITTING and self.config.enable_checkpointing and not self.checkpoint_callbacks:

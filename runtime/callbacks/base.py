@@ -152,3 +152,21 @@ class Callback:
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         """Runs when a checkpoint is restored, before training resumes."""
+
+
+def check_unique_state_keys(callbacks: list[Callback]) -> None:
+    """Refuse two callbacks that keep state under one key: a checkpoint (and a Ray run's driver) could hold only
+    one of their states, and would give it to both. Lightning refuses them too."""
+    seen: dict[str, Callback] = {}
+    for cb in callbacks:
+        if type(cb).state_dict is Callback.state_dict:
+            continue  # keeps no state
+        key = cb.state_key
+        if key in seen:
+            raise RuntimeError(
+                f"two {type(cb).__name__} callbacks keep their state under the same key {key!r}, so a checkpoint "
+                "would restore one's state into both. Give them different settings (ModelCheckpoint: monitor, "
+                "mode, every_n_train_steps or every_n_epochs; EarlyStopping: monitor or mode), or, for your own "
+                "callback class, a state_key property that tells its instances apart"
+            )
+        seen[key] = cb

@@ -399,3 +399,12 @@ def test_lightning_loads_a_raylight_checkpoint_and_raylight_refuses_to_resume_a_
     trainer = RL.trainer(str(tmp_path / "resume"), max_epochs=3)
     with pytest.raises(CheckpointError, match=r"written by Lightning 2\.6\.\d+.*load_from_checkpoint"):
         trainer.fit(resumed, **_train_val(), ckpt_path=pl_ckpt.last_model_path)
+
+
+@pytest.mark.parametrize("side", [PL, RL], ids=lambda side: side.name)
+def test_two_callbacks_keeping_state_under_one_key_are_refused(tmp_path, side):
+    callbacks = [side.ModelCheckpoint(dirpath=str(tmp_path / "a"), monitor="val_score"),
+                 side.ModelCheckpoint(dirpath=str(tmp_path / "b"), monitor="val_score", save_top_k=3)]
+    with pytest.raises(RuntimeError, match="more than one stateful callback|under the same key"):
+        trainer = side.trainer(str(tmp_path / side.name), callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(module_class(Scripted, side)(), **_train_val())
