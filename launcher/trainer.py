@@ -369,7 +369,7 @@ class Trainer:
             result = run_job(job, settings, self.loggers, path, resume_step, self._progress.progress, payload=payload)
         finally:
             self._progress.finalize("finished")
-        model.load_state_dict(result["state_dict"])
+        _load_trained_weights(model, result["state_dict"], self.spec.precision)
         # The workers' callbacks stay on the workers, and their states come back: load them into this side's
         # copies of the callbacks the run used, which include the module's own from configure_callbacks().
         view.callbacks = with_module_callbacks(self._callbacks, model)
@@ -546,6 +546,31 @@ class Trainer:
         if verbose:
             _print_results(results, "Test" if testing else "Validate")
         return results
+
+
+def _load_trained_weights(model, state_dict: dict[str, Any], precision: str) -> None:
+    """The workers' final weights into the driver's ``model``, in the precision they trained in (``64-true``
+    converts the module, as in-process).
+
+    Layers the workers built in ``setup()`` are not in the driver's module: their weights are left out with a
+    warning, as Lightning's spawning strategies leave them, instead of failing the finished run.
+    """
+    from runtime.precision import Precision
+
+    Precision(precision, torch.device("cpu")).convert_module(model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing:
+        raise RuntimeError(
+            f"the trained weights lack {', '.join(missing)}, which the driver's model has; was the module changed "
+            "on the workers (a layer removed or renamed in setup())? Load the run's last checkpoint instead"
+        )
+    if unexpected:
+        warnings.warn(
+            f"the workers' model has {', '.join(unexpected)}, which the driver's model does not (built in setup() "
+            "on the workers): those weights are not in your model object. Build the layers in __init__, or load "
+            "them from the run's checkpoints",
+            stacklevel=4,
+        )
 
 
 def _log_resume_step(checkpoint: dict[str, Any] | None) -> int | None:

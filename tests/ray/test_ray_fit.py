@@ -676,3 +676,34 @@ def test_a_configure_callbacks_model_checkpoint_reaches_the_driver(ray_cluster, 
     assert ckpt.best_model_path == str(own / os.path.basename(ckpt.best_model_path))
     result = trainer.validate(model, val, ckpt_path="best", verbose=False)
     assert result[0]["val_loss"] == pytest.approx(float(ckpt.best_model_score), abs=1e-6)
+
+
+class HeadBuiltInSetup(LightningModule):
+    """A body from __init__ and a head built in setup(): on Ray only the workers run setup()."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+
+    def setup(self, stage):
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.head(self.body(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_the_driver_gets_the_weights_in_the_runs_precision_and_is_told_about_layers_it_lacks(ray_cluster, tmp_path):
+    seed_everything(0, verbose=False)
+    model = HeadBuiltInSetup()
+    trainer = Trainer(num_workers=1, address=ray_cluster, default_root_dir=str(tmp_path), run_name="setup-head",
+                      max_epochs=1, precision="64-true", enable_progress_bar=False, logger=False)
+    with pytest.warns(UserWarning, match=r"head\.weight, head\.bias.*built in setup\(\)"):
+        trainer.fit(model, DataLoader(_data(SAMPLES, seed=0), batch_size=BATCH))
+    last = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)["state_dict"]
+    assert model.body.weight.dtype == torch.float64  # as in-process: 64-true converts the module
+    assert torch.equal(model.body.weight, last["body.weight"]) and last["head.weight"].dtype == torch.float64
