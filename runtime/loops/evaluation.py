@@ -8,6 +8,7 @@ import torch
 
 from runtime.logging.collector import MetricCollector
 from runtime.loops.data import PreparedLoader
+from runtime.loops.hooks import ModuleModes
 from runtime.state import RunningStage
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class EvaluationLoop:
         self.collector.reset()
         self.collector.num_dataloaders = len(loaders)
         engine._active_collector = self.collector
-        was_training = module.training
+        modes = ModuleModes(module)
         if testing:
             hooks.on_test_model_eval()
             hooks.on_test_start()
@@ -98,12 +99,10 @@ class EvaluationLoop:
                 results.append(row)
         if testing:
             hooks.on_test_end()
-            if was_training:
-                hooks.on_test_model_train()
+            hooks.on_test_model_train(modes)
         else:
             hooks.on_validation_end()
-            if was_training:
-                hooks.on_validation_model_train()
+            hooks.on_validation_model_train(modes)
         engine._active_collector = None
         return results
 

@@ -25,6 +25,7 @@ epoch's last batch resumes anywhere: only the epoch's tail remains.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -171,6 +172,7 @@ class FitLoop:
     def run(self) -> None:
         engine = self.engine
         hooks = engine.hooks
+        _warn_about_eval_mode(engine.lightning_module)
         hooks.on_train_start()
         restored = self._restored
         self._restored = None
@@ -216,7 +218,6 @@ class FitLoop:
             restore_rng_state(current_rng)
             self._finish_batch_tail(self.batch_idx, restored["position"], budget)
 
-        module.train()
         batch_idx = skip - 1
         # Settings that cannot change inside an epoch, read once: this loop's own cost is per step.
         automatic = module.automatic_optimization
@@ -367,9 +368,8 @@ class FitLoop:
                 engine._active_collector = None
                 # A checkpoint written during this validation resumes after it, not before.
                 self.position = "after_val"
-                engine._run_validation()
+                engine._run_validation()  # which leaves every submodule in the mode it found it in
                 engine._active_collector = self.collector
-                module.train()
                 self._report_training_progress(batch_idx + 1, budget)
             position = "after_val"
         if position == "after_val":
@@ -429,3 +429,15 @@ class FitLoop:
         engine._logged_metrics.update(log)
         engine._progress_bar_metrics.update(pbar)
         return callback, log, pbar
+
+
+def _warn_about_eval_mode(module: Any) -> None:
+    """Training keeps each submodule's mode, as Lightning does; say so when some are in eval mode."""
+    in_eval = [name or type(module).__name__ for name, m in module.named_modules() if not m.training]
+    if in_eval:
+        warnings.warn(
+            f"{len(in_eval)} module(s) are in eval mode as training starts ({', '.join(in_eval[:5])}"
+            f"{', ...' if len(in_eval) > 5 else ''}): they train that way (dropout off, batch-norm statistics "
+            "frozen), as in Lightning. Call model.train() before fit() if that is not what you meant",
+            stacklevel=2,
+        )

@@ -30,6 +30,18 @@ def _overrides(obj: Any, base_hook: Callable) -> bool:
     return getattr(type(obj), base_hook.__name__) is not base_hook
 
 
+class ModuleModes:
+    """The train/eval mode of every submodule, to put back after an evaluation (a frozen part stays in eval, as
+    in Lightning, where ``module.train()`` would switch it to train mode)."""
+
+    def __init__(self, module: Any):
+        self._modes = [(m, m.training) for m in module.modules()]
+
+    def restore(self) -> None:
+        for submodule, training in self._modes:
+            submodule.training = training
+
+
 _TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 
@@ -280,8 +292,12 @@ class HookRunner:
     def on_validation_model_eval(self) -> None:
         self.module.on_validation_model_eval()
 
-    def on_validation_model_train(self) -> None:
-        self.module.on_validation_model_train()
+    def on_validation_model_train(self, modes: ModuleModes) -> None:
+        """After validation: the module's own hook if it has one, else every submodule back in its former mode."""
+        if _overrides(self.module, LightningModule.on_validation_model_train):
+            self.module.on_validation_model_train()
+        else:
+            modes.restore()
 
     def on_validation_start(self) -> None:
         e, m = self.engine, self.module
@@ -335,8 +351,12 @@ class HookRunner:
     def on_test_model_eval(self) -> None:
         self.module.on_test_model_eval()
 
-    def on_test_model_train(self) -> None:
-        self.module.on_test_model_train()
+    def on_test_model_train(self, modes: ModuleModes) -> None:
+        """After testing: the module's own hook if it has one, else every submodule back in its former mode."""
+        if _overrides(self.module, LightningModule.on_test_model_train):
+            self.module.on_test_model_train()
+        else:
+            modes.restore()
 
     def on_test_start(self) -> None:
         e, m = self.engine, self.module

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from runtime.callbacks.prediction_writer import BasePredictionWriter
 from runtime.loops.data import PreparedLoader
+from runtime.loops.hooks import ModuleModes
 from runtime.state import RunningStage
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ class PredictionLoop:
         """Predictions per dataloader, in dataset order; None without ``return_predictions``."""
         engine = self.engine
         hooks = engine.hooks
+        # on_predict_model_eval() switches the module to eval; afterwards every submodule is back in the mode it
+        # was in (a frozen, eval-mode part stays so), as in Lightning.
+        modes = ModuleModes(engine.lightning_module)
         hooks.on_predict_start()
         hooks.on_predict_epoch_start()
         with torch.inference_mode():
@@ -92,6 +96,7 @@ class PredictionLoop:
                     engine._report_progress(RunningStage.PREDICTING, batch_idx + 1, budget, {})
         hooks.on_predict_epoch_end()
         hooks.on_predict_end()
+        modes.restore()
         if not self.return_predictions:
             return None
         return [

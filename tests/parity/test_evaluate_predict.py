@@ -270,3 +270,48 @@ def test_prediction_writer(tmp_path, interval, return_predictions, count):
     else:
         _assert_same_predictions(expected.epoch[0], actual.epoch[0], "write_on_epoch_end predictions")
         assert actual.epoch[1] == expected.epoch[1], "write_on_epoch_end batch indices"
+
+
+class FrozenPart(Regressor):
+    """A module whose first layer the user keeps in eval mode (a frozen, pretrained part)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0].eval()
+
+
+@pytest.mark.parametrize("method", ["predict", "validate", "test"])
+def test_an_evaluation_call_leaves_each_submodule_in_the_mode_it_found_it(tmp_path, method):
+    pl_run, rl_run = run_both(FrozenPart, tmp_path=tmp_path, method=method, data=lambda: {"dataloaders": loader()})
+    modes = lambda run: [m.training for m in run.model.modules()]  # noqa: E731
+    assert modes(rl_run) == modes(pl_run)
+    assert rl_run.model.training and not rl_run.model.net[0].training
+
+
+class FrozenPartModes(FrozenPart):
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes_in_training: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.modes_in_training.append(self.net[0].training)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_frozen_submodule_stays_in_eval_mode_through_fits_validations(tmp_path):
+    data = lambda: {"train_dataloaders": loader(n=16), "val_dataloaders": loader(n=8, seed=99)}  # noqa: E731
+    pl_run, rl_run = run_both(FrozenPartModes, tmp_path=tmp_path, data=data, trainer_args={"max_epochs": 2})
+    assert rl_run.model.modes_in_training == pl_run.model.modes_in_training == [False] * 8
+    assert_fit_parity(pl_run, rl_run)
+
+
+def test_a_module_in_eval_mode_trains_in_it_with_a_warning_as_in_lightning(tmp_path):
+    class EvalAtStart(FrozenPartModes):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eval()
+
+    with pytest.warns(UserWarning, match=r"in eval mode as training starts"):
+        pl_run, rl_run = run_both(EvalAtStart, tmp_path=tmp_path, trainer_args={"max_epochs": 1})
+    assert rl_run.model.modes_in_training == pl_run.model.modes_in_training == [False] * 6
+    assert not rl_run.model.training
