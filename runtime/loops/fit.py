@@ -49,6 +49,7 @@ class FitLoop:
         self.total_batch_idx = -1
         self.batch_idx = -1
         self.batches_done = 0  # batches of the current epoch that completed
+        self._skipped_rest_of_epoch = False  # on_train_batch_start returned -1 in this epoch
         self.position = "epoch_start"
         self.epoch_start_rng: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
@@ -151,6 +152,15 @@ class FitLoop:
         # current_epoch counts the epochs completed so far, mid-epoch and after one ends alike.
         return engine.current_epoch >= engine.min_epochs and engine.global_step >= (engine.min_steps or 0)
 
+    def _ran_to_the_epochs_end(self) -> bool:
+        """Whether the epoch reached its last batch, or on_train_batch_start skipped the rest of it (Lightning
+        updates plateau schedulers only then: not after max_steps or a stop request cut the epoch short)."""
+        if self._skipped_rest_of_epoch:
+            return True
+        if self.look_ahead is not None:
+            return self.look_ahead.done and self.batches_done == self.batch_idx + 1
+        return self.batches_done >= self.engine.num_training_batches
+
     def at_last_batch(self) -> bool:
         """Whether the batch at ``batch_idx`` is its epoch's last (``trainer.is_last_batch``)."""
         if self.look_ahead is not None:
@@ -240,6 +250,7 @@ class FitLoop:
             batch = engine._prepare_batch(batch, 0)
             collector.new_batch(batch)
             if any_batch_start and hooks.on_train_batch_start(batch, batch_idx) == -1:
+                self._skipped_rest_of_epoch = True  # ends the epoch as its last batch would, as in Lightning
                 break
             should_accumulate = automatic and (batch_idx + 1) % accumulate != 0 and not is_last
             if automatic:
@@ -396,7 +407,9 @@ class FitLoop:
             hooks.on_train_epoch_end(monitoring=True)
         callback, log, pbar = self._publish_epoch_metrics()
         self._report_training_progress(self.batches_done, engine.num_training_batches)
-        engine._update_schedulers("epoch", self.batch_idx, plateau=True)
+        if self._ran_to_the_epochs_end():
+            engine._update_schedulers("epoch", self.batch_idx, plateau=True)
+        self._skipped_rest_of_epoch = False
         engine._log_to_sink(log, step=max(self.batches_that_stepped - 1, 0))
         engine._active_collector = None
         self.collector.reset()

@@ -221,3 +221,32 @@ def test_a_scheduler_whose_state_holds_a_counter_is_checkpointed_and_resumes(tmp
     assert saved["lr_schedulers"][0] == first.lr_scheduler_configs[0].scheduler.state_dict()
     assert lrs(second.optimizers) == lrs(full.trainer.optimizers)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), full.state_dict().values()))
+
+
+class PlateauOnTrainLoss(ConfiguredRegressor):
+    def __init__(self, stop_at: int = -1) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == self.stop_at else None
+
+    def configure_optimizers(self):
+        opt = _sgd(self)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss"}}
+
+
+@pytest.mark.parametrize("stop", [{"max_steps": 10}, {"stop_at": 3}], ids=["max_steps-mid-epoch", "batch-start--1"])
+def test_a_plateau_scheduler_steps_when_the_epoch_reached_its_end_not_when_max_steps_cut_it(tmp_path, stop):
+    """max_steps mid-epoch: no plateau step; on_train_batch_start returning -1 ends the epoch as its last batch."""
+    trainer_args = {"max_epochs": 4, "num_sanity_val_steps": 0}
+    trainer_args.update({k: v for k, v in stop.items() if k == "max_steps"})
+    pl_run, rl_run = run_both(
+        PlateauOnTrainLoss, tmp_path=tmp_path, init_args={k: v for k, v in stop.items() if k == "stop_at"},
+        data=lambda: {"train_dataloaders": loader(n=26)}, trainer_args=trainer_args,
+    )
+    assert_fit_parity(pl_run, rl_run)
+    state = lambda run: {k: run.model.trainer.lr_scheduler_configs[0].scheduler.state_dict()[k]  # noqa: E731
+                         for k in ("last_epoch", "num_bad_epochs", "best")}
+    assert state(rl_run) == state(pl_run)
