@@ -25,6 +25,8 @@ def _split_samples(prediction: Any, size: int) -> list[Any] | None:
         if any(p is None for p in parts.values()):
             return None
         return [{k: parts[k][i] for k in parts} for i in range(size)]
+    if isinstance(prediction, (list, tuple)) and len(prediction) == size and not any(map(_is_collection, prediction)):
+        return list(prediction)  # one plain value per sample: ``preds.tolist()``, a label string per sample
     if isinstance(prediction, (list, tuple)) and prediction and not isinstance(prediction[0], (int, float)):
         parts = [_split_samples(v, size) for v in prediction]
         if any(p is None for p in parts):
@@ -33,8 +35,14 @@ def _split_samples(prediction: Any, size: int) -> list[Any] | None:
     return None
 
 
+def _is_collection(value: Any) -> bool:
+    return isinstance(value, (Tensor, dict, list, tuple))
+
+
 def _join_samples(samples: list[Any]) -> Any:
     first = samples[0]
+    if not _is_collection(first):
+        return list(samples)
     if isinstance(first, Tensor):
         return torch.stack(samples)
     if isinstance(first, dict):

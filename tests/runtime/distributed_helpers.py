@@ -541,6 +541,20 @@ def resume_from_worker(rank: int, out_dir: str, ckpt_paths: list[str]) -> None:
 PREDICT_BATCH = 3
 
 
+class PlainValuePredictions(IndexRecordingModule):
+    """Predictions as plain Python values: a list of ints, and a dict holding a list of strings."""
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        idx, _ = batch
+        return {"ids": idx.tolist(), "labels": [f"sample-{i}" for i in idx.tolist()]}
+
+
+def plain_predict_worker(rank: int, out_dir: str, n: int) -> None:
+    engine = Engine(quiet_config(out_dir))
+    predictions = engine.predict(PlainValuePredictions(), DataLoader(indexed_data(n), batch_size=PREDICT_BATCH))
+    save_result(out_dir, "plain-predict", rank, predictions)
+
+
 def predict_worker(rank: int, out_dir: str, sizes: list[int]) -> None:
     result = {}
     for n in sizes:

@@ -274,6 +274,14 @@ def test_predict_returns_each_sample_once_in_dataset_order(tmp_path):
             torch.testing.assert_close(got, expected, msg=f"rank {rank}, n={n}")
 
 
+@pytest.mark.timeout(120)
+def test_predictions_of_plain_python_values_come_back_in_dataset_order(tmp_path):
+    h.spawn(h.plain_predict_worker, tmp_path, str(tmp_path), 11)  # DistributedSampler pads one sample
+    for rank, batches in enumerate(h.load_results(tmp_path, "plain-predict")):
+        assert [b["ids"] for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]], rank
+        assert [label for b in batches for label in b["labels"]] == [f"sample-{i}" for i in range(11)], rank
+
+
 # --------------------------------------------------------------------------- 6
 @pytest.mark.timeout(120)
 def test_rank_raising_in_training_step_fails_the_run_without_hanging(tmp_path):
