@@ -131,9 +131,13 @@ class AutomaticOptimization:
             # wrapper), without its two calls.
             engine._optimizer_step(engine.optimizers[0], closure)
         elif should_step:
+            steps_before = engine.global_step
             engine.lightning_module.optimizer_step(
                 engine.current_epoch, batch_idx, engine._optimizer_wrappers[0], closure
             )
+            # One step per optimizer_step call, as Lightning counts: an override that only runs the closure on
+            # some batches (stepping every other batch) still advances global_step, max_steps and the schedules.
+            engine.global_step = steps_before + 1
             if not closure.ran:
                 raise MisconfigurationError(
                     "optimizer_step() was overridden but did not call `optimizer.step(closure=optimizer_closure)`; "

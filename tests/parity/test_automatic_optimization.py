@@ -215,3 +215,24 @@ def test_clip_gradients_takes_the_algorithm_in_any_case(tmp_path):
     pl_run, rl_run = run_both(ClipsWithACapitalisedAlgorithm, tmp_path=tmp_path, init_args={"lr": 0.5},
                               trainer_args=dict(max_epochs=2))
     assert_fit_parity(pl_run, rl_run)
+
+
+class StepsEveryOtherBatch(Regressor):
+    """A documented optimizer_step override: the closure runs on every batch, the optimizer steps on every other."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if batch_idx % 2 == 0:
+            optimizer.step(closure=optimizer_closure)
+        else:
+            optimizer_closure()
+
+
+@pytest.mark.parametrize(
+    "trainer_args",
+    [dict(max_epochs=2), dict(max_epochs=10, max_steps=6), dict(max_epochs=2, accumulate_grad_batches=2)],
+    ids=["epochs", "max_steps", "accumulation"],
+)
+def test_global_step_counts_optimizer_step_calls_as_in_lightning(tmp_path, trainer_args):
+    pl_run, rl_run = run_both(StepsEveryOtherBatch, tmp_path=tmp_path, data=lambda: {"train_dataloaders": loader(n=26)},
+                              trainer_args=trainer_args)
+    assert_fit_parity(pl_run, rl_run)
