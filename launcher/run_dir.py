@@ -84,14 +84,18 @@ class RunDir:
             return {"status": "unreadable"}
         return record if isinstance(record, dict) else {"status": "unreadable"}
 
-    def newest_checkpoint(self, pattern: str = "*.ckpt") -> str | None:
-        """The most recently written ``checkpoints/<pattern>`` (hidden, half-written files excluded)."""
-        return newest(glob.glob(os.path.join(self.checkpoint_dir, pattern)))
+    def newest_checkpoint(self) -> str | None:
+        """The most recently written ``checkpoints/*.ckpt`` (hidden, half-written files excluded)."""
+        return newest(glob.glob(os.path.join(self.checkpoint_dir, "*.ckpt")))
 
     def newest_last_checkpoint(self) -> str | None:
-        """The newest ``checkpoints/last*.ckpt``: ``last.ckpt``, or ``last-v1.ckpt`` where an earlier run in the
-        same directory had kept its own."""
-        return self.newest_checkpoint("last*.ckpt")
+        return newest_last_in(self.checkpoint_dir)
+
+
+def newest_last_in(directory: str) -> str | None:
+    """The newest ``last*.ckpt`` in ``directory``: ``last.ckpt``, or ``last-v1.ckpt`` where an earlier run in the
+    same directory had kept its own (ModelCheckpoint versions a taken name)."""
+    return newest(glob.glob(os.path.join(directory, "last*.ckpt")))
 
 
 def find_last_checkpoint(root: str) -> str | None:

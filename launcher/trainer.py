@@ -7,7 +7,6 @@ creates the run directory, and runs the worker-side engine. With
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from launcher.loggers import TensorBoardLogger
 from launcher.progress import ProgressBar
-from launcher.run_dir import RunDir, end_status, find_last_checkpoint, newest
+from launcher.run_dir import RunDir, end_status, find_last_checkpoint, newest, newest_last_in
 from launcher.submit import SUBMISSION_ENV, publish_run_dir
 from launcher.spec import TrainerSpec
 from runtime.callbacks import ModelCheckpoint
@@ -475,9 +474,7 @@ class Trainer:
             for cb in self.checkpoint_callbacks
             if cb.dirpath and os.path.realpath(cb.dirpath) != os.path.realpath(self.run_dir.checkpoint_dir)
         ]
-        places = [self.run_dir.newest_last_checkpoint()]
-        for directory in own_dirs:
-            places += glob.glob(os.path.join(directory, f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*.ckpt"))
+        places = [newest_last_in(directory) for directory in (self.run_dir.checkpoint_dir, *own_dirs)]
         found = newest([path for path in places if path and os.path.isfile(path)])
         if found is not None:
             return found

@@ -820,13 +820,12 @@ class Engine:
         plugin = self.precision_plugin
         if closure is not None and id(optimizer) in self._closure_optimizers:
             result = plugin.closure_optimizer_step(optimizer, closure, self._after_closure, **kwargs)
-            self.global_step += 1
-            return result
-        result = closure() if closure is not None else None
-        # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
-        skipped = plugin.scaler is not None and closure is not None and result is None
-        if not (skipped and self.lightning_module.automatic_optimization):
-            plugin.optimizer_step(optimizer, self._after_closure, **kwargs)
+        else:
+            result = closure() if closure is not None else None
+            # A skipped batch (training_step returned None) has no scaled gradients for the scaler to step with.
+            skipped = plugin.scaler is not None and closure is not None and result is None
+            if not (skipped and self.lightning_module.automatic_optimization):
+                plugin.optimizer_step(optimizer, self._after_closure, **kwargs)
         self.global_step += 1
         return result
 
